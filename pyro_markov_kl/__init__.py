@@ -1,0 +1,6 @@
+# SPDX-FileCopyrightText: 2026 pyro-markov-kl developers
+# SPDX-License-Identifier: Apache-2.0
+
+"""Dependency-aware per-step analytic KL for Pyro's ELBO family."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,359 @@
+# SPDX-FileCopyrightText: 2026 pyro-markov-kl developers
+# SPDX-License-Identifier: Apache-2.0
+
+r"""
+The estimator plan: which ELBO estimator each sample site gets, and why.
+
+For a latent site :math:`s` with guide factor :math:`q_s(z_s \mid \mathrm{pa}_q(s))`
+and model factor :math:`p_s(z_s \mid \mathrm{pa}_p(s))`, the Monte Carlo term
+:math:`\log p_s - \log q_s` may be replaced by its conditional expectation
+
+.. math::
+
+    \mathbb{E}_{q_s(z_s \mid \mathrm{pa}_q(s))}\left[\log p_s - \log q_s\right]
+    = -\mathrm{KL}\left(q_s(\cdot \mid \mathrm{pa}_q(s)) \,\|\,
+      p_s(\cdot \mid \mathrm{pa}_p(s))\right)
+
+evaluated at the sampled parents, without bias, exactly when no model parent
+of :math:`s` is a guide descendant of :math:`s`: by the local Markov property
+of the guide, :math:`z_s` is independent of its non-descendants given
+:math:`\mathrm{pa}_q(s)`, so integrating :math:`z_s` out given every other
+non-descendant is integrating against :math:`q_s(\cdot \mid \mathrm{pa}_q(s))`
+with :math:`\mathrm{pa}_p(s)` held fixed. If a model parent is a descendant,
+it moves with :math:`z_s` and the substitution is biased.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import torch
+
+from pyro.poutine.trace_struct import Trace
+
+from .dependencies import ProgramDependencies, is_subsample_site
+from .kl import KLRule, compute_kl, find_kl_rule
+from .terms import unwrap_mask
+
+KL_OPTIONS = ("auto", "mc", "analytic")
+
+
+@dataclass(frozen=True)
+class SiteRecord:
+    """
+    What the plan decided for one latent site.
+
+    :ivar name: the site name
+    :ivar estimator: ``"analytic"`` (the conditional KL) or ``"mc"``
+        (:math:`\\log p - \\log q` at the sample)
+    :ivar reason: a sentence saying why
+    :ivar guide_parents: latent sites whose sampled values flow into :math:`q_s`
+    :ivar model_parents: latent sites whose sampled values flow into :math:`p_s`
+    :ivar guide_descendants: sites sampled later in the guide that depend on
+        :math:`s`, transitively
+    :ivar kl_rule: for analytic sites, which rule computes the KL
+    :ivar override: the site's ``infer={"kl": ...}`` setting
+    """
+
+    name: str
+    estimator: str
+    reason: str
+    guide_parents: frozenset = frozenset()
+    model_parents: frozenset = frozenset()
+    guide_descendants: frozenset = frozenset()
+    kl_rule: Optional[KLRule] = field(default=None, compare=False)
+    override: str = "auto"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """
+    The estimator plan for one model/guide structure, as returned by
+    :meth:`~pyro_markov_kl.TraceMarkovKL_ELBO.explain`; the same object drives
+    the loss.
+
+    :ivar sites: latent site name -> :class:`SiteRecord`, in model order,
+        followed by the guide's auxiliary sites
+    :ivar observed: observed site names, in model order
+    :ivar guide: the guide's dependency graph
+    :ivar model: the model's dependency graph
+    """
+
+    sites: Mapping[str, SiteRecord]
+    observed: Tuple[str, ...]
+    guide: ProgramDependencies
+    model: ProgramDependencies
+
+    def analytic_sites(self) -> Tuple[str, ...]:
+        return tuple(n for n, r in self.sites.items() if r.estimator == "analytic")
+
+    def mc_sites(self) -> Tuple[str, ...]:
+        return tuple(n for n, r in self.sites.items() if r.estimator == "mc")
+
+    def __str__(self) -> str:
+        def fmt(names: frozenset, order: Tuple[str, ...]) -> str:
+            ranked = sorted(names, key=lambda n: order.index(n) if n in order else len(order))
+            text = ", ".join(ranked[:3])
+            return (text + f" (+{len(ranked) - 3})") if len(ranked) > 3 else (text or "-")
+
+        rows = [("site", "estimator", "guide parents", "model parents", "reason")]
+        for name, rec in self.sites.items():
+            rows.append(
+                (
+                    name,
+                    rec.estimator,
+                    fmt(rec.guide_parents, self.guide.order),
+                    fmt(rec.model_parents, self.model.order),
+                    rec.reason,
+                )
+            )
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = [
+            "  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + "  " + row[4]
+            for row in rows
+        ]
+        lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * 6)
+        n_an = len(self.analytic_sites())
+        lines.append(
+            f"{n_an} analytic, {len(self.sites) - n_an} Monte Carlo, "
+            f"{len(self.observed)} observed site(s)"
+        )
+        return "\n".join(lines)
+
+
+def _kl_option(name: str, model_site: Mapping, guide_site: Mapping) -> str:
+    options = set()
+    for side, site in (("model", model_site), ("guide", guide_site)):
+        if site is None:
+            continue
+        option = site["infer"].get("kl", "auto")
+        if option not in KL_OPTIONS:
+            raise ValueError(
+                f"site '{name}': unknown infer={{'kl': {option!r}}} in the {side}; "
+                f"expected one of {', '.join(repr(o) for o in KL_OPTIONS)}"
+            )
+        options.add(option)
+    options.discard("auto")
+    if len(options) > 1:
+        raise ValueError(
+            f"site '{name}': the model and the guide disagree on infer['kl'] "
+            f"({' vs '.join(sorted(options))}); set it on one side only"
+        )
+    return options.pop() if options else "auto"
+
+
+def _check_guide_site(name: str, guide_site: Mapping) -> None:
+    fn = guide_site["fn"]
+    if guide_site["infer"].get("enumerate") is not None:
+        raise NotImplementedError(
+            f"site '{name}' is marked for enumeration (infer={{'enumerate': ...}}), which "
+            "TraceMarkovKL_ELBO does not support yet; use TraceEnum_ELBO for this model"
+        )
+    if not getattr(fn, "has_rsample", False):
+        raise NotImplementedError(
+            f"guide site '{name}' samples from {type(fn).__name__}, which is not "
+            "reparameterisable (has_rsample=False); TraceMarkovKL_ELBO needs "
+            "reparameterised guide sites. Use TraceGraph_ELBO, or a reparameterisable "
+            "guide distribution for this site"
+        )
+
+
+def sample_sites(trace: Trace) -> Dict[str, dict]:
+    """The sample sites of ``trace`` without subsample sites, in order."""
+    return {
+        name: site
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample" and not is_subsample_site(site)
+    }
+
+
+def check_model_guide_sites(model_trace: Trace, guide_trace: Trace) -> None:
+    """
+    :raises ValueError: naming the site, if a model latent has no guide site,
+        a guide site is neither in the model nor auxiliary, or a guide site is
+        observed.
+    """
+    model_sites = sample_sites(model_trace)
+    guide_sites = sample_sites(guide_trace)
+    for name, site in model_sites.items():
+        if not site["is_observed"] and name not in guide_sites:
+            raise ValueError(
+                f"site '{name}' is a latent sample site of the model but the guide has no "
+                "site of that name; add it to the guide, or observe it in the model "
+                "(obs=...)"
+            )
+    for name, site in guide_sites.items():
+        if site["is_observed"]:
+            raise ValueError(
+                f"guide site '{name}' is observed (obs=...); observations belong in the model"
+            )
+        if name not in model_sites and not site["infer"].get("is_auxiliary"):
+            raise ValueError(
+                f"guide site '{name}' does not appear in the model; mark it "
+                "infer={'is_auxiliary': True} if it is an auxiliary variable of the guide"
+            )
+        if name in model_sites and model_sites[name]["is_observed"]:
+            raise ValueError(
+                f"site '{name}' is observed in the model but sampled in the guide; "
+                "remove it from the guide"
+            )
+
+
+def _first_in_order(names: frozenset, order: Tuple[str, ...]) -> str:
+    return min(names, key=order.index)
+
+
+def build_plan(
+    model_trace: Trace,
+    guide_trace: Trace,
+    guide_deps: ProgramDependencies,
+    model_deps: ProgramDependencies,
+    kl_rules: Optional[Mapping[Tuple[type, type], Any]] = None,
+) -> Plan:
+    """
+    Decide the estimator of every site.
+
+    :param model_trace: the model's trace, run on the guide's samples
+    :param guide_trace: the guide's trace
+    :param guide_deps: the guide's dependency graph
+    :param model_deps: the model's dependency graph
+    :param kl_rules: KL rules scoped to one ELBO instance
+    :raises ValueError: for ``infer={"kl": "analytic"}`` where the KL is
+        unavailable or would be biased, and for inconsistent model/guide pairs
+    """
+    check_model_guide_sites(model_trace, guide_trace)
+    model_sites = sample_sites(model_trace)
+    guide_sites = sample_sites(guide_trace)
+    latents = frozenset(n for n, s in guide_sites.items())
+    descendants = guide_deps.descendants()
+
+    records: Dict[str, SiteRecord] = {}
+    observed = []
+    for name, model_site in model_sites.items():
+        if model_site["is_observed"]:
+            observed.append(name)
+            continue
+        guide_site = guide_sites[name]
+        _check_guide_site(name, guide_site)
+        option = _kl_option(name, model_site, guide_site)
+        common = dict(
+            name=name,
+            guide_parents=guide_deps.parents[name] & latents,
+            model_parents=model_deps.parents[name] & latents,
+            guide_descendants=descendants[name],
+            override=option,
+        )
+        if option == "mc":
+            records[name] = SiteRecord(
+                estimator="mc", reason="forced by infer={'kl': 'mc'}", **common
+            )
+            continue
+        biased = common["model_parents"] & common["guide_descendants"]
+        if biased:
+            parent = _first_in_order(biased, guide_deps.order)
+            reason = (
+                f"model parent {parent} is sampled after {name} in the guide and depends on it"
+            )
+            if len(biased) > 1:
+                reason += f" (and {len(biased) - 1} more)"
+            why_unknown = guide_deps.unknown.get(parent) or model_deps.unknown.get(name)
+            if why_unknown:
+                reason += f"; dependencies not fully known: {why_unknown}"
+            if option == "analytic":
+                raise ValueError(
+                    f"site '{name}': infer={{'kl': 'analytic'}} would be biased: {reason}. "
+                    "Reorder the guide so that it samples the model's parents of this site "
+                    "without conditioning them on it, or use infer={'kl': 'auto'}"
+                )
+            records[name] = SiteRecord(estimator="mc", reason=reason, **common)
+            continue
+        q, _ = unwrap_mask(guide_site["fn"])
+        p, _ = unwrap_mask(model_site["fn"])
+        rule, why = find_kl_rule(q, p, kl_rules)
+        if rule is not None:
+            try:
+                with torch.no_grad():
+                    compute_kl(name, q, p, rule)
+            except NotImplementedError as e:
+                rule, why = None, f"{rule.description} does not apply: {e}"
+        if rule is None:
+            if option == "analytic":
+                raise ValueError(
+                    f"site '{name}': infer={{'kl': 'analytic'}} but {why}. Register one with "
+                    "pyro_markov_kl.register_kl, or use infer={'kl': 'auto'}"
+                )
+            records[name] = SiteRecord(estimator="mc", reason=why, **common)
+            continue
+        records[name] = SiteRecord(
+            estimator="analytic",
+            reason=f"no model parent depends on it in the guide; KL by {rule.description}",
+            kl_rule=rule,
+            **common,
+        )
+
+    for name, guide_site in guide_sites.items():
+        if name not in model_sites:
+            _check_guide_site(name, guide_site)
+            records[name] = SiteRecord(
+                name=name,
+                estimator="mc",
+                reason="auxiliary guide site: contributes -log q",
+                guide_parents=guide_deps.parents[name] & latents,
+                guide_descendants=descendants[name],
+            )
+    return Plan(sites=records, observed=tuple(observed), guide=guide_deps, model=model_deps)
+
+
+def _fn_signature(fn: Any) -> tuple:
+    sig: list = []
+    while fn is not None:
+        sig.append(
+            (
+                type(fn),
+                tuple(getattr(fn, "batch_shape", ())),
+                tuple(getattr(fn, "event_shape", ())),
+                getattr(fn, "reinterpreted_batch_ndims", None),
+                tuple(type(t) for t in getattr(fn, "transforms", ())),
+            )
+        )
+        fn = getattr(fn, "base_dist", None)
+    return tuple(sig)
+
+
+def _factor_signature(x: Any) -> Any:
+    if torch.is_tensor(x):
+        return ("tensor", tuple(x.shape), x.dtype)
+    return x if isinstance(x, (bool, type(None))) else type(x)
+
+
+def structure_key(model_trace: Trace, guide_trace: Trace) -> tuple:
+    """
+    A hashable summary of everything the plan depends on besides the program
+    text: site names, types and order, distribution types (through their
+    wrappers), shapes, plate stacks, observation status, ``infer`` options and
+    the kinds of scale and mask. A plan is reused only for an equal key.
+    """
+    key = []
+    for trace in (guide_trace, model_trace):
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample":
+                continue
+            value = site["value"]
+            infer = site["infer"]
+            key.append(
+                (
+                    name,
+                    site["is_observed"],
+                    _fn_signature(site["fn"]),
+                    tuple(value.shape) if torch.is_tensor(value) else type(value),
+                    tuple((f.name, f.dim, f.size) for f in site["cond_indep_stack"]),
+                    infer.get("kl"),
+                    infer.get("is_auxiliary"),
+                    infer.get("enumerate"),
+                    _factor_signature(site["scale"]),
+                    _factor_signature(site["mask"]),
+                )
+            )
+        key.append(None)
+    return tuple(key)
