@@ -4,3 +4,8 @@
 """Dependency-aware per-step analytic KL for Pyro's ELBO family."""
 
 __version__ = "0.1.0"
+
+from .plan import Plan, SiteRecord
+from .trace_markov_kl_elbo import TraceMarkovKL_ELBO
+
+__all__ = ["Plan", "SiteRecord", "TraceMarkovKL_ELBO"]

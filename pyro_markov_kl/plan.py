@@ -315,10 +315,18 @@ def _fn_signature(fn: Any) -> tuple:
                 tuple(getattr(fn, "event_shape", ())),
                 getattr(fn, "reinterpreted_batch_ndims", None),
                 tuple(type(t) for t in getattr(fn, "transforms", ())),
+                _mask_signature(getattr(fn, "_mask", None)),
             )
         )
         fn = getattr(fn, "base_dist", None)
     return tuple(sig)
+
+
+def _mask_signature(mask: Any) -> Any:
+    # which dimensions of a .mask() are broadcast decides whether it can be folded
+    if torch.is_tensor(mask):
+        return tuple(mask.shape), tuple(st == 0 for st in mask.stride())
+    return mask
 
 
 def _factor_signature(x: Any) -> Any:

@@ -58,9 +58,10 @@ def unwrap_mask(fn: Distribution) -> Tuple[Distribution, Any]:
     """
     Strip :class:`~pyro.distributions.torch_distribution.MaskedDistribution`
     wrappers (``.mask()``), including one under an ``Independent`` whose mask
-    is constant along the reinterpreted dimensions (``.mask(m).to_event(1)``
-    with ``m`` of shape ``(B, 1)``, as in Pyro's DMM), and return the bare
-    distribution with the combined mask, or ``None`` for no mask.
+    is broadcast along the reinterpreted dimensions (``.mask(m).to_event(1)``
+    with ``m`` of shape ``(B, 1)``, as in Pyro's DMM: size 1 or stride 0 there),
+    and return the bare distribution with the combined mask, or ``None`` for
+    no mask.
     """
     mask = None
     while True:
@@ -73,10 +74,11 @@ def unwrap_mask(fn: Distribution) -> Tuple[Distribution, Any]:
             inner = fn.base_dist
             m = inner._mask
             if torch.is_tensor(m):
-                shape = (1,) * (len(inner.batch_shape) - m.dim()) + tuple(m.shape)
-                if any(s != 1 for s in shape[len(shape) - k :]):
-                    break  # the mask varies inside the event: cannot be folded
-                m = m.reshape(shape[: len(shape) - k])
+                if m.dim() > len(inner.batch_shape) - k:
+                    event_dims = range(m.dim() - k, m.dim()) if m.dim() >= k else range(m.dim())
+                    if any(m.size(d) != 1 and m.stride(d) != 0 for d in event_dims):
+                        break  # the mask may vary inside the event: cannot be folded
+                    m = m[(Ellipsis,) + (0,) * min(k, m.dim())]
             mask = _and(mask, m)
             fn = Independent(inner.base_dist, k)
             continue

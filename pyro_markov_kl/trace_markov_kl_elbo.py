@@ -190,7 +190,7 @@ class TraceMarkovKL_ELBO(ELBO):
 
         :returns: the :class:`~pyro_markov_kl.plan.Plan`
         """
-        with torch.no_grad(), poutine.block():
+        with poutine.block():
             for _, _, plan in self._get_traces_and_plans(model, guide, args, kwargs):
                 return plan
         raise ValueError("num_particles must be at least 1")
