@@ -25,7 +25,7 @@ it moves with :math:`z_s` and the substitution is biased.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
@@ -54,6 +54,10 @@ class SiteRecord:
         :math:`s`, transitively
     :ivar kl_rule: for analytic sites, which rule computes the KL
     :ivar override: the site's ``infer={"kl": ...}`` setting
+    :ivar reparameterized: whether the guide samples it with ``rsample``
+    :ivar downstream: for a non-reparameterised site, the ELBO terms (site
+        names) whose value depends on its sample: the cost its score-function
+        term is weighted by
     """
 
     name: str
@@ -64,6 +68,8 @@ class SiteRecord:
     guide_descendants: frozenset = frozenset()
     kl_rule: Optional[KLRule] = field(default=None, compare=False)
     override: str = "auto"
+    reparameterized: bool = True
+    downstream: Tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,10 @@ class Plan:
     def mc_sites(self) -> Tuple[str, ...]:
         return tuple(n for n, r in self.sites.items() if r.estimator == "mc")
 
+    def score_function_sites(self) -> Tuple[str, ...]:
+        """Non-reparameterised guide sites, which get a score-function term."""
+        return tuple(n for n, r in self.sites.items() if not r.reparameterized)
+
     def __str__(self) -> str:
         def fmt(names: frozenset, order: Tuple[str, ...]) -> str:
             ranked = sorted(names, key=lambda n: order.index(n) if n in order else len(order))
@@ -114,6 +124,10 @@ class Plan:
             for row in rows
         ]
         lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * 6)
+        for name in self.score_function_sites():
+            lines.append(
+                f"score function at {name}: cost = {' + '.join(self.sites[name].downstream)}"
+            )
         n_an = len(self.analytic_sites())
         lines.append(
             f"{n_an} analytic, {len(self.sites) - n_an} Monte Carlo, "
@@ -122,41 +136,32 @@ class Plan:
         return "\n".join(lines)
 
 
-def _kl_option(name: str, model_site: Mapping, guide_site: Mapping) -> str:
-    options = set()
-    for side, site in (("model", model_site), ("guide", guide_site)):
-        if site is None:
-            continue
-        option = site["infer"].get("kl", "auto")
-        if option not in KL_OPTIONS:
-            raise ValueError(
-                f"site '{name}': unknown infer={{'kl': {option!r}}} in the {side}; "
-                f"expected one of {', '.join(repr(o) for o in KL_OPTIONS)}"
-            )
-        options.add(option)
-    options.discard("auto")
-    if len(options) > 1:
+def _kl_option(name: str, guide_site: Mapping) -> str:
+    """
+    The site's ``infer["kl"]``. As for every ``infer`` option in Pyro, the
+    guide's setting is the one that counts: replaying the model on the guide
+    trace gives each shared model site the guide site's ``infer`` dict.
+    """
+    option = guide_site["infer"].get("kl", "auto")
+    if option not in KL_OPTIONS:
         raise ValueError(
-            f"site '{name}': the model and the guide disagree on infer['kl'] "
-            f"({' vs '.join(sorted(options))}); set it on one side only"
+            f"site '{name}': unknown infer={{'kl': {option!r}}}; "
+            f"expected one of {', '.join(repr(o) for o in KL_OPTIONS)}"
         )
-    return options.pop() if options else "auto"
+    return option
 
 
 def _check_guide_site(name: str, guide_site: Mapping) -> None:
-    fn = guide_site["fn"]
     if guide_site["infer"].get("enumerate") is not None:
         raise NotImplementedError(
             f"site '{name}' is marked for enumeration (infer={{'enumerate': ...}}), which "
             "TraceMarkovKL_ELBO does not support yet; use TraceEnum_ELBO for this model"
         )
-    if not getattr(fn, "has_rsample", False):
-        raise NotImplementedError(
-            f"guide site '{name}' samples from {type(fn).__name__}, which is not "
-            "reparameterisable (has_rsample=False); TraceMarkovKL_ELBO needs "
-            "reparameterised guide sites. Use TraceGraph_ELBO, or a reparameterisable "
-            "guide distribution for this site"
-        )
+
+
+def is_reparameterized(site: Mapping) -> bool:
+    """Whether a guide site's sample is a differentiable function of its parameters."""
+    return bool(getattr(site["fn"], "has_rsample", False))
 
 
 def sample_sites(trace: Trace) -> Dict[str, dict]:
@@ -236,13 +241,14 @@ def build_plan(
             continue
         guide_site = guide_sites[name]
         _check_guide_site(name, guide_site)
-        option = _kl_option(name, model_site, guide_site)
+        option = _kl_option(name, guide_site)
         common = dict(
             name=name,
             guide_parents=guide_deps.parents[name] & latents,
             model_parents=model_deps.parents[name] & latents,
             guide_descendants=descendants[name],
             override=option,
+            reparameterized=is_reparameterized(guide_site),
         )
         if option == "mc":
             records[name] = SiteRecord(
@@ -301,8 +307,41 @@ def build_plan(
                 reason="auxiliary guide site: contributes -log q",
                 guide_parents=guide_deps.parents[name] & latents,
                 guide_descendants=descendants[name],
+                reparameterized=is_reparameterized(guide_site),
             )
+    records = _add_downstream_costs(records, observed, model_deps, latents)
     return Plan(sites=records, observed=tuple(observed), guide=guide_deps, model=model_deps)
+
+
+def _add_downstream_costs(
+    records: Dict[str, SiteRecord],
+    observed: list,
+    model_deps: ProgramDependencies,
+    latents: frozenset,
+) -> Dict[str, SiteRecord]:
+    r"""
+    For every non-reparameterised guide site :math:`k`, the ELBO terms whose
+    value depends on :math:`z_k`: a term depends on the sampled values it is a
+    function of (an observed site's model parents; an analytic site's guide and
+    model parents; a Monte Carlo site's own value besides), and it depends on
+    :math:`z_k` if one of those is :math:`k` or a guide descendant of
+    :math:`k`. Terms not downstream are left out of the cost
+    (Rao-Blackwellisation, as in :class:`~pyro.infer.tracegraph_elbo.TraceGraph_ELBO`).
+    """
+    if all(r.reparameterized for r in records.values()):
+        return records
+    term_inputs = {name: model_deps.parents[name] & latents for name in observed}
+    for name, rec in records.items():
+        inputs = rec.guide_parents | rec.model_parents
+        term_inputs[name] = inputs if rec.estimator == "analytic" else inputs | {name}
+    result = dict(records)
+    for name, rec in records.items():
+        if rec.reparameterized:
+            continue
+        affected = rec.guide_descendants | {name}
+        downstream = tuple(t for t, inputs in term_inputs.items() if inputs & affected)
+        result[name] = replace(rec, downstream=downstream)
+    return result
 
 
 def _fn_signature(fn: Any) -> tuple:

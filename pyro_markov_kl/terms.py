@@ -39,11 +39,18 @@ class Term(NamedTuple):
     :ivar kind: ``"observed"``, ``"analytic"``, ``"mc"`` or ``"auxiliary"``
     :ivar value: the scaled and masked contribution, before summing over
         batch dimensions
+    :ivar frames: the plates ``value``'s dimensions belong to (empty where
+        ``value`` was summed to a scalar)
+    :ivar surrogate: what the surrogate ELBO uses in place of ``value``: the
+        same, but for a non-reparameterised site's ``-log q``, whose pathwise
+        gradient has expectation zero and is left to its score function
     """
 
     name: str
     kind: str
     value: torch.Tensor
+    frames: tuple
+    surrogate: torch.Tensor
 
 
 def _and(a: Any, b: Any) -> Any:
@@ -147,30 +154,47 @@ def elbo_terms(plan: Any, model_trace: Any, guide_trace: Any) -> List[Term]:
     """
     terms: List[Term] = []
     model_nodes, guide_nodes = model_trace.nodes, guide_trace.nodes
+
+    def add(name: str, kind: str, value: torch.Tensor, stack: tuple, surrogate=None) -> None:
+        frames = stack if value.dim() else ()
+        terms.append(Term(name, kind, value, frames, value if surrogate is None else surrogate))
+
     for name in plan.observed:
-        terms.append(Term(name, "observed", site_log_prob(model_nodes[name])))
+        site = model_nodes[name]
+        add(name, "observed", site_log_prob(site), site["cond_indep_stack"])
     for name, record in plan.sites.items():
         guide_site = guide_nodes[name]
+        stack = guide_site["cond_indep_stack"]
         model_site: Optional[Dict[str, Any]] = model_nodes.get(name)
         if model_site is None:
-            terms.append(Term(name, "auxiliary", -site_log_prob(guide_site)))
+            log_q = site_log_prob(guide_site)
+            surrogate = None if record.reparameterized else -log_q.detach()
+            add(name, "auxiliary", -log_q, stack, surrogate)
         elif record.estimator == "analytic":
-            terms.append(
-                Term(name, "analytic", analytic_term(name, model_site, guide_site, record.kl_rule))
-            )
+            value = analytic_term(name, model_site, guide_site, record.kl_rule)
+            add(name, "analytic", value, stack)
         else:
             log_p, log_q = site_log_prob(model_site), site_log_prob(guide_site)
-            value = log_p - log_q if log_p.shape == log_q.shape else log_p.sum() - log_q.sum()
-            terms.append(Term(name, "mc", value))
+            if not record.reparameterized:
+                surrogate_q = log_q.detach()
+            else:
+                surrogate_q = log_q
+            if log_p.shape == log_q.shape:
+                add(name, "mc", log_p - log_q, stack, log_p - surrogate_q)
+            else:
+                add(name, "mc", log_p.sum() - log_q.sum(), (), log_p.sum() - surrogate_q.sum())
     return terms
 
 
-def sum_terms(terms: List[Term]) -> Any:
-    """The sum of all terms over all their dimensions."""
+def sum_terms(terms: List[Term]) -> Tuple[Any, Any]:
+    """The sums of all terms' values and surrogates over all their dimensions."""
     total: Any = 0.0
+    surrogate: Any = 0.0
     for term in terms:
-        total = total + term.value.sum()
-    return total
+        value = term.value.sum()
+        total = total + value
+        surrogate = surrogate + (value if term.surrogate is term.value else term.surrogate.sum())
+    return total, surrogate
 
 
 __all__ = [

@@ -18,6 +18,7 @@ from pyro.util import check_if_enumerated, check_model_guide_match, warn_if_nan
 
 from .dependencies import analyse_dependencies
 from .plan import Plan, build_plan, structure_key
+from .score_function import score_function_terms
 from .terms import elbo_terms, sum_terms
 
 
@@ -199,7 +200,10 @@ class TraceMarkovKL_ELBO(ELBO):
     def _differentiable_loss_particle(
         self, model_trace: Trace, guide_trace: Trace, plan: Plan
     ) -> Tuple[Any, Any]:
-        elbo_particle = sum_terms(elbo_terms(plan, model_trace, guide_trace))
+        terms = elbo_terms(plan, model_trace, guide_trace)
+        elbo_particle, surrogate_elbo_particle = sum_terms(terms)
+        score_elbo, baseline_loss = score_function_terms(plan, terms, guide_trace)
+        surrogate_loss = -(surrogate_elbo_particle + score_elbo) + baseline_loss
         if torch.is_tensor(elbo_particle):
             loss = -(
                 elbo_particle.detach()
@@ -208,7 +212,7 @@ class TraceMarkovKL_ELBO(ELBO):
             )
         else:
             loss = -elbo_particle
-        return loss, -elbo_particle
+        return loss, surrogate_loss
 
     def loss(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
         """

@@ -1,0 +1,134 @@
+# SPDX-FileCopyrightText: 2026 pyro-markov-kl developers
+# SPDX-License-Identifier: Apache-2.0
+
+"""Per-site ``infer={"kl": ...}`` overrides and the errors for bad input."""
+
+import pytest
+import torch
+
+import pyro
+import pyro.distributions as dist
+
+from pyro_markov_kl import TraceMarkovKL_ELBO
+
+
+def chain_model():
+    a = pyro.sample("a", dist.Normal(0.0, 1.0))
+    b = pyro.sample("b", dist.Normal(a, 1.0))
+    pyro.sample("x", dist.Normal(b, 1.0), obs=torch.tensor(0.0))
+
+
+def forward_guide(kl_a="auto", kl_b="auto"):
+    def guide():
+        a = pyro.sample("a", dist.Normal(0.1, 1.0), infer={"kl": kl_a})
+        pyro.sample("b", dist.Normal(a, 1.0), infer={"kl": kl_b})
+
+    return guide
+
+
+def backward_guide(kl_b="auto"):
+    def guide():
+        b = pyro.sample("b", dist.Normal(0.0, 1.0), infer={"kl": kl_b})
+        pyro.sample("a", dist.Normal(b, 1.0))
+
+    return guide
+
+
+def test_mc_override():
+    plan = TraceMarkovKL_ELBO().explain(chain_model, forward_guide(kl_b="mc"))
+    assert plan.sites["a"].estimator == "analytic"
+    assert plan.sites["b"].estimator == "mc"
+    assert plan.sites["b"].reason == "forced by infer={'kl': 'mc'}"
+    assert plan.sites["b"].override == "mc"
+
+
+def test_analytic_override_accepted_where_valid():
+    plan = TraceMarkovKL_ELBO().explain(chain_model, forward_guide("analytic", "analytic"))
+    assert plan.analytic_sites() == ("a", "b")
+
+
+def test_analytic_override_rejected_where_biased():
+    with pytest.raises(ValueError, match=r"site 'b'.*would be biased.*model parent a"):
+        TraceMarkovKL_ELBO().explain(chain_model, backward_guide(kl_b="analytic"))
+
+
+def test_analytic_override_rejected_without_kl():
+    def model():
+        pyro.sample("s", dist.Gamma(2.0, 1.0))
+
+    def guide():
+        pyro.sample("s", dist.LogNormal(0.0, 1.0), infer={"kl": "analytic"})
+
+    with pytest.raises(ValueError, match=r"site 's'.*LogNormal.*Gamma|site 's'.*no kl"):
+        TraceMarkovKL_ELBO().explain(model, guide)
+
+    guide_auto = lambda: pyro.sample("s", dist.LogNormal(0.0, 1.0))  # noqa: E731
+    plan = TraceMarkovKL_ELBO().explain(model, guide_auto)
+    assert plan.sites["s"].estimator == "mc"
+    assert "LogNormal" in plan.sites["s"].reason and "Gamma" in plan.sites["s"].reason
+
+
+def test_unknown_option():
+    with pytest.raises(ValueError, match=r"site 'a': unknown infer=\{'kl': 'exact'\}"):
+        TraceMarkovKL_ELBO().explain(chain_model, forward_guide(kl_a="exact"))
+
+
+def test_option_is_read_from_the_guide():
+    """Pyro's replay gives a model site the guide site's infer dict."""
+
+    def model():
+        pyro.sample("a", dist.Normal(0.0, 1.0), infer={"kl": "mc"})
+
+    def guide():
+        pyro.sample("a", dist.Normal(0.0, 1.0))
+
+    def guide_mc():
+        pyro.sample("a", dist.Normal(0.0, 1.0), infer={"kl": "mc"})
+
+    assert TraceMarkovKL_ELBO().explain(model, guide).sites["a"].estimator == "analytic"
+    assert TraceMarkovKL_ELBO().explain(model, guide_mc).sites["a"].estimator == "mc"
+
+
+def test_enumerated_site_is_named():
+    def model():
+        pyro.sample("k", dist.Bernoulli(0.3))
+
+    def guide():
+        pyro.sample("k", dist.Bernoulli(0.6), infer={"enumerate": "parallel"})
+
+    with pytest.raises(NotImplementedError, match=r"site 'k'.*enumerat"):
+        with pyro.validation_enabled(False):
+            TraceMarkovKL_ELBO(max_plate_nesting=0).loss(model, guide)
+
+
+def test_model_latent_missing_from_guide():
+    def guide():
+        pyro.sample("a", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(ValueError, match=r"site 'b' is a latent sample site of the model"):
+        with pyro.validation_enabled(False):
+            TraceMarkovKL_ELBO().loss(chain_model, guide)
+
+
+def test_guide_site_missing_from_model():
+    def guide():
+        forward_guide()()
+        pyro.sample("extra", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(ValueError, match=r"guide site 'extra' does not appear in the model"):
+        with pyro.validation_enabled(False):
+            TraceMarkovKL_ELBO().loss(chain_model, guide)
+
+
+def test_auxiliary_guide_site():
+    def guide():
+        u = pyro.sample("u", dist.Normal(0.0, 1.0), infer={"is_auxiliary": True})
+        a = pyro.sample("a", dist.Normal(u, 1.0))
+        pyro.sample("b", dist.Normal(a, 1.0))
+
+    plan = TraceMarkovKL_ELBO().explain(chain_model, guide)
+    assert plan.sites["u"].estimator == "mc"
+    assert "auxiliary" in plan.sites["u"].reason
+    assert plan.sites["a"].guide_parents == {"u"}
+    # a's KL conditions on the sampled u: unbiased, as u is not a model parent
+    assert plan.sites["a"].estimator == "analytic"
