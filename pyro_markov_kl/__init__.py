@@ -6,6 +6,6 @@
 __version__ = "0.1.0"
 
 from .plan import Plan, SiteRecord
-from .trace_markov_kl_elbo import TraceMarkovKL_ELBO
+from .trace_markov_kl_elbo import JitTraceMarkovKL_ELBO, TraceMarkovKL_ELBO
 
-__all__ = ["Plan", "SiteRecord", "TraceMarkovKL_ELBO"]
+__all__ = ["JitTraceMarkovKL_ELBO", "Plan", "SiteRecord", "TraceMarkovKL_ELBO"]

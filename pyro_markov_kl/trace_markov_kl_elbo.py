@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from typing import Any, Callable, Iterator, Mapping, Optional, Tuple
 
 import torch
 
+import pyro.ops.jit
 from pyro import poutine
 from pyro.infer.elbo import ELBO
 from pyro.infer.util import is_validation_enabled, torch_item
@@ -168,7 +170,12 @@ class TraceMarkovKL_ELBO(ELBO):
         if plan is not None:
             self._plans.move_to_end(key)
             return plan
-        guide_deps, model_deps = analyse_dependencies(model, guide, guide_trace, args, kwargs)
+        tracing_state = torch._C._get_tracing_state()
+        torch._C._set_tracing_state(None)  # the analysis is not part of a compiled graph
+        try:
+            guide_deps, model_deps = analyse_dependencies(model, guide, guide_trace, args, kwargs)
+        finally:
+            torch._C._set_tracing_state(tracing_state)
         plan = build_plan(
             prune_subsample_sites(model_trace),
             prune_subsample_sites(guide_trace),
@@ -279,4 +286,77 @@ class TraceMarkovKL_ELBO(ELBO):
         return loss
 
 
-__all__ = ["TraceMarkovKL_ELBO"]
+
+
+class JitTraceMarkovKL_ELBO(TraceMarkovKL_ELBO):
+    """
+    Like :class:`TraceMarkovKL_ELBO` but uses :func:`pyro.ops.jit.trace` to
+    compile the loss and surrogate loss, once per model/guide pair and per
+    set of non-tensor arguments.
+
+    The dependency analysis runs eagerly, before compilation, on the first
+    call (Pyro's compiler first runs the function once to capture parameters),
+    so the compiled graph contains only the ELBO's own computation. The
+    restrictions of Pyro's :class:`~pyro.infer.trace_elbo.JitTrace_ELBO`
+    apply:
+
+    -   Models must have static structure: one compiled graph serves every
+        call, so a plan that would change (for example a different sequence
+        length) needs a new compilation, which happens only when the number
+        of positional arguments or the ``**kwargs`` change.
+    -   Models must not depend on any global data (except the param store).
+    -   All model inputs that are tensors must be passed in via ``*args``.
+    -   All model inputs that are *not* tensors must be passed in via
+        ``**kwargs``, and compilation will be triggered once per unique
+        ``**kwargs`` (so a KL annealing factor that changes every step should
+        be passed as a tensor in ``*args``).
+    """
+
+    def loss_and_surrogate_loss(self, model: Callable, guide: Callable, *args, **kwargs):
+        """:returns: the loss and the surrogate loss, as tensors"""
+        compiled = getattr(self, "_compiled", None)
+        if compiled is None:
+            compiled = self._compiled = {}
+        key = (model, guide)  # bound methods compare equal across attribute lookups
+        if key not in compiled:
+            weakself = weakref.ref(self)
+
+            @pyro.ops.jit.trace(ignore_warnings=self.ignore_jit_warnings, jit_options=self.jit_options)
+            def loss_and_surrogate_loss(*args, **kwargs):
+                self = weakself()
+                loss = 0.0
+                surrogate_loss = 0.0
+                for model_trace, guide_trace, plan in self._get_traces_and_plans(
+                    model, guide, args, kwargs
+                ):
+                    loss_particle, surrogate_particle = self._differentiable_loss_particle(
+                        model_trace, guide_trace, plan
+                    )
+                    loss = loss + loss_particle / self.num_particles
+                    surrogate_loss = surrogate_loss + surrogate_particle / self.num_particles
+                return loss, surrogate_loss
+
+            compiled[key] = loss_and_surrogate_loss
+        return compiled[key](*args, **kwargs)
+
+    def differentiable_loss(self, model: Callable, guide: Callable, *args, **kwargs):
+        loss, surrogate_loss = self.loss_and_surrogate_loss(model, guide, *args, **kwargs)
+        warn_if_nan(loss, "loss")
+        return loss + (surrogate_loss - surrogate_loss.detach())
+
+    def loss_and_grads(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
+        loss, surrogate_loss = self.loss_and_surrogate_loss(model, guide, *args, **kwargs)
+        surrogate_loss.backward(retain_graph=self.retain_graph)
+        loss = loss.item()
+        warn_if_nan(loss, "loss")
+        return loss
+
+    def loss(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
+        with torch.no_grad():
+            loss, _ = self.loss_and_surrogate_loss(model, guide, *args, **kwargs)
+        loss = loss.item()
+        warn_if_nan(loss, "loss")
+        return loss
+
+
+__all__ = ["JitTraceMarkovKL_ELBO", "TraceMarkovKL_ELBO"]
