@@ -11,9 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Dict, Mapping, Tuple
 
-import torch
-
 import pyro
+import torch
 from pyro import poutine
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
@@ -120,7 +119,9 @@ class DependencyMessenger(Messenger):
         )
 
 
-def _run_tracked(fn: Callable, guide_trace: Trace, args: tuple, kwargs: dict) -> ProgramDependencies:
+def _run_tracked(
+    fn: Callable, guide_trace: Trace, args: tuple, kwargs: dict
+) -> ProgramDependencies:
     messenger = DependencyMessenger(DependencyTracker())
     with poutine.block(), messenger.tracker, messenger:
         poutine.replay(fn, trace=guide_trace)(*args, **kwargs)

@@ -29,12 +29,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
-
+from pyro.distributions.torch_distribution import MaskedDistribution
 from pyro.poutine.trace_struct import Trace
+from torch.distributions import Independent, TransformedDistribution
 
+from .batched_kl import is_stackable
 from .dependencies import ProgramDependencies, is_subsample_site
 from .kl import KLRule, compute_kl, find_kl_rule
-from .terms import unwrap_mask
+from .terms import has_mask, unwrap_mask
 
 KL_OPTIONS = ("auto", "mc", "analytic")
 
@@ -84,12 +86,16 @@ class Plan:
     :ivar observed: observed site names, in model order
     :ivar guide: the guide's dependency graph
     :ivar model: the model's dependency graph
+    :ivar kl_groups: groups of analytic sites whose distributions have the
+        same types and shapes and share a KL rule, so that their KLs can be
+        computed by one call on stacked parameters
     """
 
     sites: Mapping[str, SiteRecord]
     observed: Tuple[str, ...]
     guide: ProgramDependencies
     model: ProgramDependencies
+    kl_groups: Tuple[Tuple[str, ...], ...] = ()
 
     def analytic_sites(self) -> Tuple[str, ...]:
         return tuple(n for n, r in self.sites.items() if r.estimator == "analytic")
@@ -235,6 +241,7 @@ def build_plan(
 
     records: Dict[str, SiteRecord] = {}
     observed = []
+    groups: Dict[Any, list] = {}
     for name, model_site in model_sites.items():
         if model_site["is_observed"]:
             observed.append(name)
@@ -258,9 +265,7 @@ def build_plan(
         biased = common["model_parents"] & common["guide_descendants"]
         if biased:
             parent = _first_in_order(biased, guide_deps.order)
-            reason = (
-                f"model parent {parent} is sampled after {name} in the guide and depends on it"
-            )
+            reason = f"model parent {parent} is sampled after {name} in the guide and depends on it"
             if len(biased) > 1:
                 reason += f" (and {len(biased) - 1} more)"
             why_unknown = guide_deps.unknown.get(parent) or model_deps.unknown.get(name)
@@ -276,7 +281,17 @@ def build_plan(
             continue
         q, _ = unwrap_mask(guide_site["fn"])
         p, _ = unwrap_mask(model_site["fn"])
-        rule, why = find_kl_rule(q, p, kl_rules)
+        if has_mask(q) or has_mask(p):
+            rule, why = (
+                None,
+                (
+                    "a .mask() varies inside the event (it cannot be folded into the site's "
+                    "factor), and a KL of masked distributions is biased where the model's "
+                    "and the guide's masks differ"
+                ),
+            )
+        else:
+            rule, why = find_kl_rule(q, p, kl_rules)
         if rule is not None:
             try:
                 with torch.no_grad():
@@ -291,6 +306,10 @@ def build_plan(
                 )
             records[name] = SiteRecord(estimator="mc", reason=why, **common)
             continue
+        if is_stackable(q) and is_stackable(p):
+            groups.setdefault(
+                (rule.source, rule.description, _fn_signature(q), _fn_signature(p)), []
+            ).append(name)
         records[name] = SiteRecord(
             estimator="analytic",
             reason=f"no model parent depends on it in the guide; KL by {rule.description}",
@@ -310,7 +329,13 @@ def build_plan(
                 reparameterized=is_reparameterized(guide_site),
             )
     records = _add_downstream_costs(records, observed, model_deps, latents)
-    return Plan(sites=records, observed=tuple(observed), guide=guide_deps, model=model_deps)
+    return Plan(
+        sites=records,
+        observed=tuple(observed),
+        guide=guide_deps,
+        model=model_deps,
+        kl_groups=tuple(tuple(g) for g in groups.values() if len(g) > 1),
+    )
 
 
 def _add_downstream_costs(
@@ -347,16 +372,18 @@ def _add_downstream_costs(
 def _fn_signature(fn: Any) -> tuple:
     sig: list = []
     while fn is not None:
-        sig.append(
-            (
-                type(fn),
-                tuple(getattr(fn, "batch_shape", ())),
-                tuple(getattr(fn, "event_shape", ())),
-                getattr(fn, "reinterpreted_batch_ndims", None),
-                tuple(type(t) for t in getattr(fn, "transforms", ())),
-                _mask_signature(getattr(fn, "_mask", None)),
-            )
+        entry: tuple = (
+            type(fn),
+            getattr(fn, "batch_shape", None),
+            getattr(fn, "event_shape", None),
         )
+        if isinstance(fn, Independent):
+            entry += (fn.reinterpreted_batch_ndims,)
+        elif isinstance(fn, TransformedDistribution):
+            entry += (tuple(type(t) for t in fn.transforms),)
+        elif isinstance(fn, MaskedDistribution):
+            entry += (_mask_signature(fn._mask),)
+        sig.append(entry)
         fn = getattr(fn, "base_dist", None)
     return tuple(sig)
 
@@ -364,17 +391,35 @@ def _fn_signature(fn: Any) -> tuple:
 def _mask_signature(mask: Any) -> Any:
     # which dimensions of a .mask() are broadcast decides whether it can be folded
     if torch.is_tensor(mask):
-        return tuple(mask.shape), tuple(st == 0 for st in mask.stride())
+        return mask.shape, tuple(st == 0 for st in mask.stride())
     return mask
 
 
 def _factor_signature(x: Any) -> Any:
     if torch.is_tensor(x):
-        return ("tensor", tuple(x.shape), x.dtype)
-    return x if isinstance(x, (bool, type(None))) else type(x)
+        return x.shape, x.dtype
+    return x if x is None or x is True or x is False else type(x)
 
 
-def structure_key(model_trace: Trace, guide_trace: Trace) -> tuple:
+class StructureKey:
+    """A tuple key whose hash is computed once (plan keys are large and looked up twice)."""
+
+    __slots__ = ("key", "_hash")
+
+    def __init__(self, key: tuple) -> None:
+        self.key = key
+        self._hash = hash(key)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, StructureKey) and self._hash == other._hash and self.key == other.key
+        )
+
+
+def structure_key(model_trace: Trace, guide_trace: Trace) -> StructureKey:
     """
     A hashable summary of everything the plan depends on besides the program
     text: site names, types and order, distribution types (through their
@@ -382,6 +427,14 @@ def structure_key(model_trace: Trace, guide_trace: Trace) -> tuple:
     the kinds of scale and mask. A plan is reused only for an equal key.
     """
     key = []
+    frames: Dict[int, tuple] = {}  # plates are usually entered once: convert each frame once
+
+    def frame_key(f: Any) -> tuple:
+        k = frames.get(id(f))
+        if k is None:
+            k = frames[id(f)] = (f.name, f.dim, f.size, f.counter)
+        return k
+
     for trace in (guide_trace, model_trace):
         for name, site in trace.nodes.items():
             if site["type"] != "sample":
@@ -393,8 +446,8 @@ def structure_key(model_trace: Trace, guide_trace: Trace) -> tuple:
                     name,
                     site["is_observed"],
                     _fn_signature(site["fn"]),
-                    tuple(value.shape) if torch.is_tensor(value) else type(value),
-                    tuple((f.name, f.dim, f.size) for f in site["cond_indep_stack"]),
+                    value.shape if torch.is_tensor(value) else type(value),
+                    tuple(frame_key(f) for f in site["cond_indep_stack"]),
                     infer.get("kl"),
                     infer.get("is_auxiliary"),
                     infer.get("enumerate"),
@@ -403,4 +456,4 @@ def structure_key(model_trace: Trace, guide_trace: Trace) -> tuple:
                 )
             )
         key.append(None)
-    return tuple(key)
+    return StructureKey(tuple(key))

@@ -25,10 +25,12 @@ from __future__ import annotations
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
-from torch.distributions import Distribution, Independent
-
 from pyro.distributions.torch_distribution import MaskedDistribution
 from pyro.distributions.util import scale_and_mask
+from torch.distributions import Distribution, Independent
+
+from .batched_kl import stack_distributions
+from .kl import KLDivergenceError, compute_kl
 
 
 class Term(NamedTuple):
@@ -65,10 +67,10 @@ def unwrap_mask(fn: Distribution) -> Tuple[Distribution, Any]:
     """
     Strip :class:`~pyro.distributions.torch_distribution.MaskedDistribution`
     wrappers (``.mask()``), including one under an ``Independent`` whose mask
-    is broadcast along the reinterpreted dimensions (``.mask(m).to_event(1)``
-    with ``m`` of shape ``(B, 1)``, as in Pyro's DMM: size 1 or stride 0 there),
-    and return the bare distribution with the combined mask, or ``None`` for
-    no mask.
+    is constant along the reinterpreted dimensions (``.mask(m).to_event(1)``
+    with ``m`` of shape ``(B, 1)``, as in Pyro's DMM), and return the bare
+    distribution with the combined mask, or ``None`` for no mask. A mask that
+    varies inside the event is left in place (see :func:`has_mask`).
     """
     mask = None
     while True:
@@ -82,15 +84,29 @@ def unwrap_mask(fn: Distribution) -> Tuple[Distribution, Any]:
             m = inner._mask
             if torch.is_tensor(m):
                 if m.dim() > len(inner.batch_shape) - k:
-                    event_dims = range(m.dim() - k, m.dim()) if m.dim() >= k else range(m.dim())
-                    if any(m.size(d) != 1 and m.stride(d) != 0 for d in event_dims):
-                        break  # the mask may vary inside the event: cannot be folded
-                    m = m[(Ellipsis,) + (0,) * min(k, m.dim())]
+                    nk = min(k, m.dim())
+                    if any(
+                        m.size(d) != 1 and m.stride(d) != 0 for d in range(m.dim() - nk, m.dim())
+                    ):
+                        # materialised (e.g. a float mask made bool): compare the values
+                        first = m[(Ellipsis,) + (slice(0, 1),) * nk]
+                        if torch._C._get_tracing_state() or not bool((m == first).all()):
+                            break  # the mask varies inside the event: cannot be folded
+                    m = m[(Ellipsis,) + (0,) * nk]
             mask = _and(mask, m)
             fn = Independent(inner.base_dist, k)
             continue
         break
     return fn, mask
+
+
+def has_mask(fn: Distribution) -> bool:
+    """Whether a ``.mask()`` is left anywhere in ``fn``'s chain of base distributions."""
+    while fn is not None:
+        if isinstance(fn, MaskedDistribution):
+            return True
+        fn = getattr(fn, "base_dist", None)
+    return False
 
 
 def _same_factor(scale_p: Any, mask_p: Any, scale_q: Any, mask_q: Any) -> bool:
@@ -114,6 +130,43 @@ def site_log_prob(site: Dict[str, Any]) -> torch.Tensor:
     return scale_and_mask(log_p, site["scale"], site["mask"])
 
 
+class _Factors(NamedTuple):
+    q: Distribution
+    p: Distribution
+    scale_q: Any
+    mask_q: Any
+    scale_p: Any
+    mask_p: Any
+
+
+def _factors(model_site: Dict[str, Any], guide_site: Dict[str, Any]) -> _Factors:
+    q, mask_q = unwrap_mask(guide_site["fn"])
+    p, mask_p = unwrap_mask(model_site["fn"])
+    return _Factors(
+        q,
+        p,
+        guide_site["scale"],
+        _and(guide_site["mask"], mask_q),
+        model_site["scale"],
+        _and(model_site["mask"], mask_p),
+    )
+
+
+def mc_term(
+    model_site: Dict[str, Any], guide_site: Dict[str, Any], reparameterized: bool = True
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    ``log p - log q`` at the sample, and its surrogate: for a
+    non-reparameterised site ``-log q`` is detached (its pathwise gradient has
+    expectation zero; its score function carries the gradient).
+    """
+    log_p, log_q = site_log_prob(model_site), site_log_prob(guide_site)
+    surrogate_q = log_q if reparameterized else log_q.detach()
+    if log_p.shape == log_q.shape:
+        return log_p - log_q, log_p - surrogate_q
+    return log_p.sum() - log_q.sum(), log_p.sum() - surrogate_q.sum()
+
+
 def analytic_term(
     name: str, model_site: Dict[str, Any], guide_site: Dict[str, Any], rule: Any
 ) -> torch.Tensor:
@@ -121,13 +174,11 @@ def analytic_term(
     :math:`-f_p\,\mathrm{KL}(q \| p) - (f_p - f_q)\,\mathrm{H}(q)` for one site,
     not summed; see the module docstring.
     """
-    from .kl import compute_kl
-
-    q, mask_q = unwrap_mask(guide_site["fn"])
-    p, mask_p = unwrap_mask(model_site["fn"])
-    mask_q = _and(guide_site["mask"], mask_q)
-    mask_p = _and(model_site["mask"], mask_p)
-    scale_q, scale_p = guide_site["scale"], model_site["scale"]
+    q, p, scale_q, mask_q, scale_p, mask_p = _factors(model_site, guide_site)
+    if has_mask(q) or has_mask(p):
+        # this step's mask varies inside the event, so it is not a per-site factor:
+        # a KL of the masked pair would be biased where the two masks differ
+        return mc_term(model_site, guide_site)[0]
     kl = compute_kl(name, q, p, rule)
     term = -scale_and_mask(kl, scale_p, mask_p)
     same_shape = kl.shape == q.batch_shape
@@ -143,6 +194,67 @@ def analytic_term(
         return model_part + guide_part
     # p's batch shape is larger than q's: each side sums over its own shape
     return model_part.sum() + guide_part.sum()
+
+
+def _stack_factor(values: List[Any], shape: torch.Size, is_mask: bool) -> Any:
+    """Stack per-site scales or masks to broadcast against a stacked KL of ``shape``."""
+    first = values[0]
+    if all(v is None for v in values):
+        return None
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        if all(v == first for v in values):
+            return first
+        return torch.tensor(values).reshape((-1,) + (1,) * (len(shape) - 1))
+    if all(torch.is_tensor(v) for v in values):
+        return torch.stack([v.expand(shape[1:]) for v in values])
+    if is_mask and all(v is None or v is True or torch.is_tensor(v) for v in values):
+        return torch.stack(
+            [
+                torch.ones(shape[1:], dtype=torch.bool)
+                if v is None or v is True
+                else v.expand(shape[1:])
+                for v in values
+            ]
+        )
+    raise _Unbatchable
+
+
+class _Unbatchable(Exception):
+    pass
+
+
+def batched_analytic_term(
+    names: Tuple[str, ...], model_nodes: Dict[str, Any], guide_nodes: Dict[str, Any], rule: Any
+) -> Optional[torch.Tensor]:
+    """
+    The analytic terms of ``names`` from one KL call on stacked parameters
+    (see :mod:`pyro_markov_kl.batched_kl`), or ``None`` where the sites cannot
+    be stacked this step (factors that differ between model and guide, or
+    scales and masks of mixed kinds): the caller then computes them one by one.
+    """
+    factors = [_factors(model_nodes[n], guide_nodes[n]) for n in names]
+    for f in factors:
+        if f.p.batch_shape != f.q.batch_shape or not _same_factor(
+            f.scale_p, f.mask_p, f.scale_q, f.mask_q
+        ):
+            return None
+    q = stack_distributions([f.q for f in factors])
+    p = stack_distributions([f.p for f in factors])
+    if q is None or p is None:
+        return None
+    label = f"{names[0]} (stacked with {len(names) - 1} other sites)"
+    try:
+        kl = compute_kl(label, q, p, rule)
+    except KLDivergenceError:
+        for n in names:  # raise the error of the first failing site, by name
+            analytic_term(n, model_nodes[n], guide_nodes[n], rule)
+        raise
+    try:
+        scale = _stack_factor([f.scale_p for f in factors], kl.shape, is_mask=False)
+        mask = _stack_factor([f.mask_p for f in factors], kl.shape, is_mask=True)
+    except _Unbatchable:
+        return None
+    return -scale_and_mask(kl, scale, mask)
 
 
 def elbo_terms(plan: Any, model_trace: Any, guide_trace: Any) -> List[Term]:
@@ -162,7 +274,19 @@ def elbo_terms(plan: Any, model_trace: Any, guide_trace: Any) -> List[Term]:
     for name in plan.observed:
         site = model_nodes[name]
         add(name, "observed", site_log_prob(site), site["cond_indep_stack"])
+    done: set = set()
+    if plan.kl_groups and not plan.score_function_sites():
+        # per-site terms are needed only for score-function costs
+        for group in plan.kl_groups:
+            value = batched_analytic_term(
+                group, model_nodes, guide_nodes, plan.sites[group[0]].kl_rule
+            )
+            if value is not None:
+                terms.append(Term(group[0], "analytic", value, (), value))
+                done.update(group)
     for name, record in plan.sites.items():
+        if name in done:
+            continue
         guide_site = guide_nodes[name]
         stack = guide_site["cond_indep_stack"]
         model_site: Optional[Dict[str, Any]] = model_nodes.get(name)
@@ -174,15 +298,8 @@ def elbo_terms(plan: Any, model_trace: Any, guide_trace: Any) -> List[Term]:
             value = analytic_term(name, model_site, guide_site, record.kl_rule)
             add(name, "analytic", value, stack)
         else:
-            log_p, log_q = site_log_prob(model_site), site_log_prob(guide_site)
-            if not record.reparameterized:
-                surrogate_q = log_q.detach()
-            else:
-                surrogate_q = log_q
-            if log_p.shape == log_q.shape:
-                add(name, "mc", log_p - log_q, stack, log_p - surrogate_q)
-            else:
-                add(name, "mc", log_p.sum() - log_q.sum(), (), log_p.sum() - surrogate_q.sum())
+            value, surrogate = mc_term(model_site, guide_site, record.reparameterized)
+            add(name, "mc", value, stack if value.dim() else (), surrogate)
     return terms
 
 

@@ -7,9 +7,8 @@ import weakref
 from collections import OrderedDict
 from typing import Any, Callable, Iterator, Mapping, Optional, Tuple
 
-import torch
-
 import pyro.ops.jit
+import torch
 from pyro import poutine
 from pyro.infer.elbo import ELBO
 from pyro.infer.util import is_validation_enabled, torch_item
@@ -19,7 +18,7 @@ from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_if_enumerated, check_model_guide_match, warn_if_nan
 
 from .dependencies import analyse_dependencies
-from .plan import Plan, build_plan, structure_key
+from .plan import Plan, StructureKey, build_plan, structure_key
 from .score_function import score_function_terms
 from .terms import elbo_terms, sum_terms
 
@@ -109,7 +108,7 @@ class TraceMarkovKL_ELBO(ELBO):
         )
         self.kl_rules = dict(kl_rules or {})
         self.plan_cache_size = plan_cache_size
-        self._plans: "OrderedDict[Any, Plan]" = OrderedDict()
+        self._plans: OrderedDict[Any, Plan] = OrderedDict()
 
     # --- traces ---------------------------------------------------------------
     def _get_unpruned_trace(self, model, guide, args, kwargs) -> Tuple[Trace, Trace]:
@@ -165,7 +164,7 @@ class TraceMarkovKL_ELBO(ELBO):
     ) -> Plan:
         from .kl import registry_version
 
-        key = (owner, registry_version(), structure_key(model_trace, guide_trace))
+        key = StructureKey((owner, registry_version(), structure_key(model_trace, guide_trace)))
         plan = self._plans.get(key)
         if plan is not None:
             self._plans.move_to_end(key)
@@ -286,8 +285,6 @@ class TraceMarkovKL_ELBO(ELBO):
         return loss
 
 
-
-
 class JitTraceMarkovKL_ELBO(TraceMarkovKL_ELBO):
     """
     Like :class:`TraceMarkovKL_ELBO` but uses :func:`pyro.ops.jit.trace` to
@@ -321,7 +318,9 @@ class JitTraceMarkovKL_ELBO(TraceMarkovKL_ELBO):
         if key not in compiled:
             weakself = weakref.ref(self)
 
-            @pyro.ops.jit.trace(ignore_warnings=self.ignore_jit_warnings, jit_options=self.jit_options)
+            @pyro.ops.jit.trace(
+                ignore_warnings=self.ignore_jit_warnings, jit_options=self.jit_options
+            )
             def loss_and_surrogate_loss(*args, **kwargs):
                 self = weakself()
                 loss = 0.0

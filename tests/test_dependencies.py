@@ -3,13 +3,12 @@
 
 """The dependency analysis: every way a sampled value can flow into a distribution."""
 
+import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
-
-import pyro
-import pyro.distributions as dist
 
 from pyro_markov_kl import TraceMarkovKL_ELBO
 from pyro_markov_kl.provenance import DependencyTracker, reachable_tensors

@@ -9,15 +9,14 @@ the ELBO entry points.
 
 import math
 
-import pytest
-import torch
-from torch import nn
-
 import pyro
 import pyro.distributions as dist
+import pytest
+import torch
 from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from pyro.optim import ClippedAdam
+from torch import nn
 
 from pyro_markov_kl import TraceMarkovKL_ELBO
 
@@ -193,6 +192,7 @@ def test_plan_cache_recomputes_when_structure_changes():
     assert len(elbo._plans) == 2
     assert set(plan.sites) == {f"z_{t}" for t in range(5)}
     assert plan.analytic_sites() == tuple(f"z_{t}" for t in range(5))
+
     # a different guide with the same site names gets its own plan
     def backward_guide(data):
         z = torch.zeros(())
@@ -205,7 +205,9 @@ def test_plan_cache_recomputes_when_structure_changes():
 
 def test_analysis_does_not_change_the_random_stream():
     def model():
-        pyro.sample("x", dist.Normal(pyro.sample("z", dist.Normal(0.0, 1.0)), 1.0), obs=torch.tensor(0.3))
+        pyro.sample(
+            "x", dist.Normal(pyro.sample("z", dist.Normal(0.0, 1.0)), 1.0), obs=torch.tensor(0.3)
+        )
 
     def guide():
         pyro.sample("z", dist.Normal(0.1, 0.9))

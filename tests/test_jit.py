@@ -3,11 +3,10 @@
 
 """JitTraceMarkovKL_ELBO: compiled once per structure, same estimator as the eager class."""
 
-import pytest
-import torch
-
 import pyro
 import pyro.distributions as dist
+import pytest
+import torch
 
 from pyro_markov_kl import JitTraceMarkovKL_ELBO, TraceMarkovKL_ELBO
 

@@ -3,11 +3,10 @@
 
 """Per-site ``infer={"kl": ...}`` overrides and the errors for bad input."""
 
-import pytest
-import torch
-
 import pyro
 import pyro.distributions as dist
+import pytest
+import torch
 
 from pyro_markov_kl import TraceMarkovKL_ELBO
 

@@ -5,11 +5,10 @@
 
 import math
 
-import pytest
-import torch
-
 import pyro
 import pyro.distributions as dist
+import pytest
+import torch
 from pyro import poutine
 from pyro.infer import TraceGraph_ELBO
 
@@ -73,7 +72,9 @@ def _grad_stats(elbo, model, guide, batches, *args):
     return losses.mean(), losses.std() / n, grads.mean(0), grads.std(0) / n, params
 
 
-@pytest.mark.parametrize("baseline", [None, {"use_decaying_avg_baseline": True}], ids=["plain", "avg-baseline"])
+@pytest.mark.parametrize(
+    "baseline", [None, {"use_decaying_avg_baseline": True}], ids=["plain", "avg-baseline"]
+)
 def test_exact_gradient_with_discrete_site(baseline):
     pyro.clear_param_store()
     pyro.set_rng_seed(0)

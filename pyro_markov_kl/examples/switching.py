@@ -29,13 +29,12 @@ import argparse
 import time
 from typing import Dict, Optional, Sequence
 
-import torch
-from torch import nn
-
 import pyro
 import pyro.distributions as dist
+import torch
 from pyro.infer import SVI, Trace_ELBO, TraceGraph_ELBO
 from pyro.optim import ClippedAdam
+from torch import nn
 
 TRUE_PARAMS = dict(
     stay=torch.tensor([0.9, 0.8]),
