@@ -1,0 +1,123 @@
+# SPDX-FileCopyrightText: 2026 pyro-markov-kl developers
+# SPDX-License-Identifier: Apache-2.0
+
+"""Tests of the shipped JSB Chorales data and the mini-batch helpers."""
+
+import hashlib
+from importlib import resources
+
+import pytest
+import torch
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+
+from pyro_markov_kl.data import (
+    JSB_CHORALES_SHA256,
+    get_mini_batch,
+    get_mini_batch_mask,
+    load_jsb_chorales,
+    pad_and_reverse,
+    reverse_sequences,
+)
+
+SHAPES = {"train": (229, 129, 88), "valid": (76, 144, 88), "test": (77, 160, 88)}
+TOTAL_STEPS = {"train": 13807, "valid": 4602, "test": 4725}
+PITCH_RANGE = {"train": (43, 96), "valid": (48, 96), "test": (45, 96)}
+
+
+def test_shipped_file_is_intact() -> None:
+    data = resources.files("pyro_markov_kl.data").joinpath("jsb_chorales.json").read_bytes()
+    assert len(data) == 407200
+    assert hashlib.sha256(data).hexdigest() == JSB_CHORALES_SHA256
+
+
+@pytest.mark.parametrize("split", ["train", "valid", "test"])
+def test_shapes_and_statistics(split: str) -> None:
+    data = load_jsb_chorales(split)
+    sequences, lengths = data["sequences"], data["sequence_lengths"]
+    assert sequences.shape == SHAPES[split]
+    assert sequences.dtype == torch.get_default_dtype()
+    assert lengths.dtype == torch.long
+    assert lengths.shape == SHAPES[split][:1]
+    assert int(lengths.sum()) == TOTAL_STEPS[split]
+    assert int(lengths.max()) == SHAPES[split][1]
+    # 0/1 piano rolls with at most 4 notes at once
+    assert set(sequences.unique().tolist()) == {0.0, 1.0}
+    assert int(sequences.sum(-1).max()) == 4
+    # MIDI pitch = column + 21
+    columns = sequences.sum((0, 1)).nonzero().squeeze(-1)
+    assert (int(columns.min()) + 21, int(columns.max()) + 21) == PITCH_RANGE[split]
+    # padding is zero, first and last steps of every sequence sound
+    mask = get_mini_batch_mask(sequences, lengths).bool()
+    assert not sequences[~mask].any()
+    rows = torch.arange(len(lengths))
+    assert (sequences[rows, 0].sum(-1) > 0).all()
+    assert (sequences[rows, lengths - 1].sum(-1) > 0).all()
+
+
+def test_train_first_steps() -> None:
+    sequences = load_jsb_chorales("train")["sequences"]
+    # first chorale opens with MIDI pitches 60, 72, 79, 88
+    assert sequences[0, 0].nonzero().squeeze(-1).tolist() == [60 - 21, 72 - 21, 79 - 21, 88 - 21]
+
+
+def test_fresh_tensors() -> None:
+    a = load_jsb_chorales("valid")
+    a["sequences"].zero_()
+    b = load_jsb_chorales("valid")
+    assert int(b["sequences"].sum()) > 0
+
+
+def test_unknown_split() -> None:
+    with pytest.raises(ValueError):
+        load_jsb_chorales("validation")
+
+
+def test_mask_from_lengths() -> None:
+    x = torch.zeros(3, 5, 2)  # all zero rows: the mask must not look at the data
+    mask = get_mini_batch_mask(x, torch.tensor([5, 2, 1]))
+    expected = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0]]).float()
+    assert torch.equal(mask, expected)
+
+
+def _reverse_reference(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros_like(x)
+    for b in range(x.size(0)):
+        T = int(lengths[b])
+        out[b, :T] = x[b, :T].flip(0)
+    return out
+
+
+def test_reverse_sequences() -> None:
+    torch.manual_seed(0)
+    lengths = torch.tensor([6, 4, 4, 1])
+    x = torch.randn(4, 6, 3) * get_mini_batch_mask(torch.zeros(4, 6), lengths).unsqueeze(-1)
+    r = reverse_sequences(x, lengths)
+    assert torch.equal(r, _reverse_reference(x, lengths))
+    assert torch.equal(r[1, :4], x[1, :4].flip(0))
+    assert torch.equal(reverse_sequences(r, lengths), x)
+
+
+def test_get_mini_batch() -> None:
+    data = load_jsb_chorales("train")
+    sequences, lengths = data["sequences"], data["sequence_lengths"]
+    indices = torch.tensor([5, 17, 0, 101, 228, 42, 3])
+    mini_batch, reversed_packed, mask, mb_lengths = get_mini_batch(indices, sequences, lengths)
+    # sorted longest first, cut to the longest
+    assert torch.equal(mb_lengths, lengths[indices].sort(descending=True).values)
+    T = int(mb_lengths[0])
+    assert mini_batch.shape == (len(indices), T, 88)
+    # every row is one of the selected sequences with the right length
+    for b in range(len(indices)):
+        assert any(
+            int(lengths[i]) == int(mb_lengths[b]) and torch.equal(sequences[i, :T], mini_batch[b])
+            for i in indices
+        )
+    # mask from the lengths
+    assert torch.equal(mask, get_mini_batch_mask(mini_batch, mb_lengths))
+    assert torch.equal(mask.sum(-1).long(), mb_lengths)
+    # the packed reversed batch holds each sequence reversed within its own length
+    assert isinstance(reversed_packed, PackedSequence)
+    padded, unpacked_lengths = pad_packed_sequence(reversed_packed, batch_first=True)
+    assert torch.equal(unpacked_lengths, mb_lengths)
+    assert torch.equal(padded, _reverse_reference(mini_batch, mb_lengths))
+    assert torch.equal(pad_and_reverse(reversed_packed, mb_lengths), mini_batch)
