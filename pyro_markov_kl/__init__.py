@@ -17,13 +17,25 @@ from .kl import (
 from .plan import Plan, SiteRecord
 from .trace_markov_kl_elbo import JitTraceMarkovKL_ELBO, TraceMarkovKL_ELBO
 
+
+def __getattr__(name: str):
+    # compare is imported lazily: ``python -m pyro_markov_kl.compare`` runs it as __main__
+    if name in ("compare_elbos", "ELBOComparison"):
+        from . import compare
+
+        return getattr(compare, name)
+    raise AttributeError(f"module 'pyro_markov_kl' has no attribute {name!r}")
+
+
 __all__ = [
+    "ELBOComparison",
     "JitTraceMarkovKL_ELBO",
     "KLDivergenceError",
     "KLRule",
     "Plan",
     "SiteRecord",
     "TraceMarkovKL_ELBO",
+    "compare_elbos",
     "compute_kl",
     "find_kl_rule",
     "isolated_kl_registry",

@@ -35,11 +35,14 @@ class ProgramDependencies:
         parameters of its distribution
     :ivar unknown: for each site whose dependencies could not be determined,
         why; such a site is given every site sampled before it as parents
+    :ivar escapes: each time sampled values reached Python, which sites' and
+        where (``"file:line"``)
     """
 
     order: Tuple[str, ...]
     parents: Mapping[str, frozenset]
     unknown: Mapping[str, str]
+    escapes: Tuple[Tuple[Tuple[str, ...], str], ...] = ()
 
     def descendants(self) -> Dict[str, frozenset]:
         """
@@ -116,6 +119,7 @@ class DependencyMessenger(Messenger):
             order=tuple(self.order),
             parents={name: names_of(bits) for name, bits in self.parents.items()},
             unknown=dict(self.unknown),
+            escapes=tuple(self.tracker.escapes),
         )
 
 

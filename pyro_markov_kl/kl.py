@@ -574,6 +574,8 @@ def compute_kl(
             "Fix: register a rule for this pair with register_kl or kl_rules, or "
             "unregister this one so that a Monte Carlo estimate is used."
         ) from e
+    except KLDivergenceError as e:
+        raise KLDivergenceError(f"{_where(name, q, p)}: {e}") from e
     except Exception as e:
         if hasattr(e, "add_note"):
             e.add_note(f"while computing {_where(name, q, p)} with {rule.description}")

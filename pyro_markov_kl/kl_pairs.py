@@ -424,7 +424,17 @@ def _build_indep_indep(q: Any, p: Any, resolve: Resolver) -> Union[KLRule, str]:
     def _kl_independent_independent(q: Any, p: Any) -> Tensor:
         if q.reinterpreted_batch_ndims != kq or p.reinterpreted_batch_ndims != kp:
             raise _stale(f"Independent(., {kq}) vs Independent(., {kp})")
-        return sum_rightmost(inner_fn(_strip(q, shared), _strip(p, shared)), shared)
+        q0, p0 = _strip(q, shared), _strip(p, shared)
+        kl = inner_fn(q0, p0)
+        expected = torch.broadcast_shapes(q0.batch_shape, p0.batch_shape)
+        if not isinstance(kl, Tensor) or kl.shape != expected:
+            shape = tuple(kl.shape) if isinstance(kl, Tensor) else type(kl).__name__
+            raise KLDivergenceError(
+                f"{inner.description} returned shape {shape} for the pair inside "
+                f"Independent, expected {tuple(expected)}. Fix: a KL function must return one "
+                "value per element of the broadcast batch shape of the pair"
+            )
+        return sum_rightmost(kl, shared)
 
     return _rule(
         _kl_independent_independent,

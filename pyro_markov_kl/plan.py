@@ -209,6 +209,16 @@ def check_model_guide_sites(model_trace: Trace, guide_trace: Trace) -> None:
                 f"site '{name}' is observed in the model but sampled in the guide; "
                 "remove it from the guide"
             )
+        if name in model_sites:
+            q_event = site["fn"].event_shape
+            p_event = model_sites[name]["fn"].event_shape
+            if q_event != p_event:
+                raise ValueError(
+                    f"site '{name}': the guide's distribution has event shape "
+                    f"{tuple(q_event)} but the model's has {tuple(p_event)}; make them agree "
+                    "(declare the same dimensions as event dimensions on both sides, e.g. "
+                    ".to_event(1) in both)"
+                )
 
 
 def _first_in_order(names: frozenset, order: Tuple[str, ...]) -> str:

@@ -44,7 +44,6 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 aten = torch.ops.aten
 
@@ -93,6 +92,36 @@ _ESCAPING_METHODS = frozenset(
         torch.Tensor.__dlpack__,
     }
 )
+
+
+def _leaves(xs: Any) -> List[Any]:
+    """The leaves of nested lists, tuples and dict values (a fast ``tree_flatten``)."""
+    result: List[Any] = []
+    stack = list(xs)
+    while stack:
+        x = stack.pop()
+        if isinstance(x, (list, tuple)):
+            stack.extend(x)
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+        else:
+            result.append(x)
+    return result
+
+
+def _tensors(xs: Any) -> List[torch.Tensor]:
+    return [x for x in _leaves(xs) if isinstance(x, torch.Tensor)]
+
+
+@functools.cache
+def _written_arguments(func: Any) -> Tuple[Tuple[int, str], ...]:
+    """Positions and names of the arguments an operator writes into."""
+    return tuple(
+        (i, arg.name)
+        for i, arg in enumerate(func._schema.arguments)
+        if arg.alias_info is not None and arg.alias_info.is_write
+    )
+
 
 _SKIP_FRAMES = tuple(
     os.path.dirname(m.__file__) + os.sep
@@ -204,21 +233,23 @@ class DependencyTracker:
         packet = func.overloadpacket
         if packet in _METADATA or packet in _VALUE_INDEPENDENT:
             return out
-        in_tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         bits = 0
-        for t in in_tensors:
+        for t in _tensors(args):
             bits |= self.provenance(t)
+        if kwargs:
+            for t in _tensors(kwargs.values()):
+                bits |= self.provenance(t)
         if not bits:
             return out
-        schema = func._schema
-        for i, arg in enumerate(schema.arguments):
-            if arg.alias_info is not None and arg.alias_info.is_write:
-                value = args[i] if i < len(args) else kwargs.get(arg.name)
-                for t in tree_flatten(value)[0]:
-                    if isinstance(t, torch.Tensor):
-                        self._taint_storage(t, bits)
+        for i, arg_name in _written_arguments(func):
+            value = args[i] if i < len(args) else kwargs.get(arg_name)
+            for t in _tensors((value,)):
+                self._taint_storage(t, bits)
+        if isinstance(out, torch.Tensor):
+            self._set(out, bits)
+            return out
         escaped = False
-        for o in tree_flatten(out)[0]:
+        for o in _leaves((out,)):
             if isinstance(o, torch.Tensor):
                 self._set(o, bits)
             elif isinstance(o, (bool, int, float, complex)):

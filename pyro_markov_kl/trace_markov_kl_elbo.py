@@ -175,6 +175,16 @@ class TraceMarkovKL_ELBO(ELBO):
             guide_deps, model_deps = analyse_dependencies(model, guide, guide_trace, args, kwargs)
         finally:
             torch._C._set_tracing_state(tracing_state)
+        if self.vectorize_particles:
+            for deps in (guide_deps, model_deps):
+                for names, where in deps.escapes:
+                    raise ValueError(
+                        f"site {', '.join(names)}: vectorize_particles=True needs a model and "
+                        "guide whose structure does not depend on sampled values, but the value "
+                        f"reached Python (.item(), bool(), .tolist(), ...) at {where}. Use "
+                        "vectorize_particles=False, or keep sampled values out of Python control "
+                        "flow (torch.where instead of if)"
+                    )
         plan = build_plan(
             prune_subsample_sites(model_trace),
             prune_subsample_sites(guide_trace),
