@@ -502,16 +502,21 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _annealing_factor(
+def annealing_factor(
     epoch: int, mini_batch: int, num_mini_batches: int, annealing_epochs: int, min_factor: float
 ) -> float:
+    """
+    KL annealing as in Pyro's DMM example: the scale of the latent sites rises
+    linearly from ``min_factor`` to 1 over the first ``annealing_epochs``.
+    """
     if annealing_epochs > 0 and epoch < annealing_epochs:
         step = mini_batch + epoch * num_mini_batches + 1
         return min_factor + (1.0 - min_factor) * step / (annealing_epochs * num_mini_batches)
     return 1.0
 
 
-def _nll_per_slice(elbo: ELBO, dmm: DMM, sequences: torch.Tensor, lengths: torch.Tensor) -> float:
+def nll_per_slice(elbo: ELBO, dmm: DMM, sequences: torch.Tensor, lengths: torch.Tensor) -> float:
+    """The bound :math:`-\\mathrm{ELBO}` per time slice of a whole split, estimated by ``elbo``."""
     batch = get_mini_batch(torch.arange(len(lengths)), sequences, lengths)
     dmm.eval()
     try:
@@ -520,6 +525,31 @@ def _nll_per_slice(elbo: ELBO, dmm: DMM, sequences: torch.Tensor, lengths: torch
     finally:
         dmm.train()
     return float(loss) / float(lengths.sum())
+
+
+def build_dmm(args: argparse.Namespace) -> DMM:
+    """The :class:`DMM` of the command-line sizes."""
+    return DMM(
+        z_dim=args.z_dim,
+        emission_dim=args.emission_dim,
+        transition_dim=args.transition_dim,
+        rnn_dim=args.rnn_dim,
+        guide=args.guide,
+        rnn_nonlinearity=args.rnn_nonlinearity,
+    )
+
+
+def build_optim(args: argparse.Namespace) -> ClippedAdam:
+    """Pyro's DMM optimiser, ``ClippedAdam``, with the command-line settings."""
+    return ClippedAdam(
+        {
+            "lr": args.learning_rate,
+            "betas": (args.beta1, args.beta2),
+            "clip_norm": args.clip_norm,
+            "lrd": args.lr_decay,
+            "weight_decay": args.weight_decay,
+        }
+    )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
@@ -582,23 +612,8 @@ def _run(args: argparse.Namespace) -> Dict[str, Any]:
         flush=True,
     )
 
-    dmm = DMM(
-        z_dim=args.z_dim,
-        emission_dim=args.emission_dim,
-        transition_dim=args.transition_dim,
-        rnn_dim=args.rnn_dim,
-        guide=args.guide,
-        rnn_nonlinearity=args.rnn_nonlinearity,
-    )
-    optim = ClippedAdam(
-        {
-            "lr": args.learning_rate,
-            "betas": (args.beta1, args.beta2),
-            "clip_norm": args.clip_norm,
-            "lrd": args.lr_decay,
-            "weight_decay": args.weight_decay,
-        }
-    )
+    dmm = build_dmm(args)
+    optim = build_optim(args)
     elbo = build_elbo(
         args.elbo, num_particles=args.num_particles, vectorize_particles=args.vectorize_particles
     )
@@ -621,7 +636,7 @@ def _run(args: argparse.Namespace) -> Dict[str, Any]:
             disable=None,
         )
         for which in progress:
-            factor = _annealing_factor(
+            factor = annealing_factor(
                 epoch,
                 which,
                 num_mini_batches,
@@ -640,8 +655,8 @@ def _run(args: argparse.Namespace) -> Dict[str, Any]:
         )
         if args.test_frequency > 0 and (epoch + 1) % args.test_frequency == 0:
             valid = load_jsb_chorales("valid")
-            val_nll = _nll_per_slice(test_elbo, dmm, valid["sequences"], valid["sequence_lengths"])
-            test_nll = _nll_per_slice(test_elbo, dmm, test["sequences"], test["sequence_lengths"])
+            val_nll = nll_per_slice(test_elbo, dmm, valid["sequences"], valid["sequence_lengths"])
+            test_nll = nll_per_slice(test_elbo, dmm, test["sequences"], test["sequence_lengths"])
             evaluations.append({"epoch": epoch + 1, "valid": val_nll, "test": test_nll})
             print(
                 f"[epoch {epoch + 1:4d}] NLL bound per time slice: valid {val_nll:.4f}  "
@@ -650,7 +665,7 @@ def _run(args: argparse.Namespace) -> Dict[str, Any]:
             )
     seconds = time.perf_counter() - start
 
-    test_nll = _nll_per_slice(test_elbo, dmm, test["sequences"], test["sequence_lengths"])
+    test_nll = nll_per_slice(test_elbo, dmm, test["sequences"], test["sequence_lengths"])
     print(
         f"test NLL bound per time slice: {test_nll:.4f} "
         f"(-ELBO / {num_test_slices} test time slices, estimated by {type(test_elbo).__name__} "

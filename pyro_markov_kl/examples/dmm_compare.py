@@ -45,10 +45,17 @@ from typing import Any, Dict, List, Optional, Sequence
 import pyro
 import torch
 from pyro.infer import SVI
-from pyro.optim import ClippedAdam
 
 from pyro_markov_kl.data import get_mini_batch, load_jsb_chorales
-from pyro_markov_kl.examples.dmm import DMM, ELBO_NAMES, build_elbo
+from pyro_markov_kl.examples.dmm import (
+    DMM,
+    ELBO_NAMES,
+    annealing_factor,
+    build_dmm,
+    build_elbo,
+    build_optim,
+    nll_per_slice,
+)
 from pyro_markov_kl.examples.dmm import make_parser as dmm_parser
 
 __all__ = ["CSV_COLUMNS", "main", "make_parser", "plot_curves", "train_with_elbo"]
@@ -127,26 +134,8 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _annealing_factor(
-    epoch: int, mini_batch: int, num_mini_batches: int, annealing_epochs: int, min_factor: float
-) -> float:
-    # as pyro_markov_kl.examples.dmm: linear from min_factor to 1 over the annealing epochs
-    if annealing_epochs > 0 and epoch < annealing_epochs:
-        step = mini_batch + epoch * num_mini_batches + 1
-        return min_factor + (1.0 - min_factor) * step / (annealing_epochs * num_mini_batches)
-    return 1.0
-
-
 def _nll_per_slice(elbo: Any, dmm: DMM, split: Dict[str, torch.Tensor]) -> float:
-    lengths = split["sequence_lengths"]
-    batch = get_mini_batch(torch.arange(len(lengths)), split["sequences"], lengths)
-    dmm.eval()
-    try:
-        with torch.no_grad():
-            loss = elbo.loss(dmm.model, dmm.guide, *batch)
-    finally:
-        dmm.train()
-    return float(loss) / float(lengths.sum())
+    return nll_per_slice(elbo, dmm, split["sequences"], split["sequence_lengths"])
 
 
 def train_with_elbo(
@@ -180,23 +169,8 @@ def train_with_elbo(
 
     pyro.set_rng_seed(args.seed)
     pyro.clear_param_store()
-    dmm = DMM(
-        z_dim=args.z_dim,
-        emission_dim=args.emission_dim,
-        transition_dim=args.transition_dim,
-        rnn_dim=args.rnn_dim,
-        guide=args.guide,
-        rnn_nonlinearity=args.rnn_nonlinearity,
-    )
-    optim = ClippedAdam(
-        {
-            "lr": args.learning_rate,
-            "betas": (args.beta1, args.beta2),
-            "clip_norm": args.clip_norm,
-            "lrd": args.lr_decay,
-            "weight_decay": args.weight_decay,
-        }
-    )
+    dmm = build_dmm(args)
+    optim = build_optim(args)
     vectorize = args.vectorize_particles
     elbo = build_elbo(elbo_name, num_particles=args.num_particles, vectorize_particles=vectorize)
     eval_name = elbo_name if args.eval_elbo == "same" else args.eval_elbo
@@ -256,7 +230,7 @@ def train_with_elbo(
         factor = 1.0
         shuffled = torch.randperm(num_train, generator=order)
         for which in range(num_mini_batches):
-            factor = _annealing_factor(
+            factor = annealing_factor(
                 epoch,
                 which,
                 num_mini_batches,
