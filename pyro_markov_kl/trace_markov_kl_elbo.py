@@ -254,6 +254,14 @@ class TraceMarkovKL_ELBO(ELBO):
         Computes the surrogate loss that can be differentiated with autograd
         to produce gradient estimates for the model and guide parameters.
         """
+        loss, surrogate_loss = self._loss_and_surrogate_loss(model, guide, args, kwargs)
+        warn_if_nan(surrogate_loss, "loss")
+        return loss + (surrogate_loss - torch_item(surrogate_loss))
+
+    def _loss_and_surrogate_loss(
+        self, model: Callable, guide: Callable, args: tuple, kwargs: dict
+    ) -> Tuple[Any, Any]:
+        """The loss and the surrogate loss, averaged over particles."""
         loss = 0.0
         surrogate_loss = 0.0
         for model_trace, guide_trace, plan in self._get_traces_and_plans(
@@ -262,10 +270,9 @@ class TraceMarkovKL_ELBO(ELBO):
             loss_particle, surrogate_particle = self._differentiable_loss_particle(
                 model_trace, guide_trace, plan
             )
-            surrogate_loss = surrogate_loss + surrogate_particle / self.num_particles
             loss = loss + loss_particle / self.num_particles
-        warn_if_nan(surrogate_loss, "loss")
-        return loss + (surrogate_loss - torch_item(surrogate_loss))
+            surrogate_loss = surrogate_loss + surrogate_particle / self.num_particles
+        return loss, surrogate_loss
 
     def loss_and_grads(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
         """
@@ -332,18 +339,7 @@ class JitTraceMarkovKL_ELBO(TraceMarkovKL_ELBO):
                 ignore_warnings=self.ignore_jit_warnings, jit_options=self.jit_options
             )
             def loss_and_surrogate_loss(*args, **kwargs):
-                self = weakself()
-                loss = 0.0
-                surrogate_loss = 0.0
-                for model_trace, guide_trace, plan in self._get_traces_and_plans(
-                    model, guide, args, kwargs
-                ):
-                    loss_particle, surrogate_particle = self._differentiable_loss_particle(
-                        model_trace, guide_trace, plan
-                    )
-                    loss = loss + loss_particle / self.num_particles
-                    surrogate_loss = surrogate_loss + surrogate_particle / self.num_particles
-                return loss, surrogate_loss
+                return weakself()._loss_and_surrogate_loss(model, guide, args, kwargs)
 
             compiled[key] = loss_and_surrogate_loss
         return compiled[key](*args, **kwargs)
