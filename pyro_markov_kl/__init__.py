@@ -15,6 +15,7 @@ from .kl import (
     register_kl,
 )
 from .plan import Plan, SiteRecord
+from .trace_enum_markov_kl_elbo import EnumPlan, TraceEnumMarkovKL_ELBO
 from .trace_markov_kl_elbo import JitTraceMarkovKL_ELBO, TraceMarkovKL_ELBO
 
 
@@ -29,11 +30,13 @@ def __getattr__(name: str):
 
 __all__ = [
     "ELBOComparison",
+    "EnumPlan",
     "JitTraceMarkovKL_ELBO",
     "KLDivergenceError",
     "KLRule",
     "Plan",
     "SiteRecord",
+    "TraceEnumMarkovKL_ELBO",
     "TraceMarkovKL_ELBO",
     "compare_elbos",
     "compute_kl",

@@ -142,7 +142,7 @@ class Plan:
         return "\n".join(lines)
 
 
-def _kl_option(name: str, guide_site: Mapping) -> str:
+def kl_option(name: str, guide_site: Mapping) -> str:
     """
     The site's ``infer["kl"]``. As for every ``infer`` option in Pyro, the
     guide's setting is the one that counts: replaying the model on the guide
@@ -225,6 +225,63 @@ def _first_in_order(names: frozenset, order: Tuple[str, ...]) -> str:
     return min(names, key=order.index)
 
 
+def bias_reason(
+    name: str,
+    model_parents: frozenset,
+    guide_descendants: frozenset,
+    guide_deps: ProgramDependencies,
+    model_deps: ProgramDependencies,
+) -> Optional[str]:
+    """
+    Why the KL substitution at ``name`` would be biased (a model parent that
+    is a guide descendant), or ``None`` if it would not.
+    """
+    biased = model_parents & guide_descendants
+    if not biased:
+        return None
+    parent = _first_in_order(biased, guide_deps.order)
+    reason = f"model parent {parent} is sampled after {name} in the guide and depends on it"
+    if len(biased) > 1:
+        reason += f" (and {len(biased) - 1} more)"
+    why_unknown = guide_deps.unknown.get(parent) or model_deps.unknown.get(name)
+    if why_unknown:
+        reason += f"; dependencies not fully known: {why_unknown}"
+    return reason
+
+
+def find_site_kl_rule(
+    name: str,
+    model_site: Mapping,
+    guide_site: Mapping,
+    kl_rules: Optional[Mapping[Tuple[type, type], Any]] = None,
+) -> Tuple[Optional[KLRule], str, Any, Any]:
+    """
+    The KL rule for a site's unwrapped guide and model distributions, tried
+    once on this trace's values, or ``None`` and the reason there is none.
+
+    :returns: ``(rule, reason, q, p)``
+    """
+    q, _ = unwrap_mask(guide_site["fn"])
+    p, _ = unwrap_mask(model_site["fn"])
+    if has_mask(q) or has_mask(p):
+        return (
+            None,
+            "a .mask() varies inside the event (it cannot be folded into the site's factor), "
+            "and a KL of masked distributions is biased where the model's and the guide's "
+            "masks differ",
+            q,
+            p,
+        )
+    rule, why = find_kl_rule(q, p, kl_rules)
+    if rule is not None:
+        try:
+            with torch.no_grad():
+                compute_kl(name, q, p, rule)
+        except NotImplementedError as e:
+            rule, why = None, f"{rule.description} does not apply: {e}"
+    return rule, why, q, p
+
+
 def build_plan(
     model_trace: Trace,
     guide_trace: Trace,
@@ -258,7 +315,7 @@ def build_plan(
             continue
         guide_site = guide_sites[name]
         _check_guide_site(name, guide_site)
-        option = _kl_option(name, guide_site)
+        option = kl_option(name, guide_site)
         common = dict(
             name=name,
             guide_parents=guide_deps.parents[name] & latents,
@@ -272,15 +329,10 @@ def build_plan(
                 estimator="mc", reason="forced by infer={'kl': 'mc'}", **common
             )
             continue
-        biased = common["model_parents"] & common["guide_descendants"]
-        if biased:
-            parent = _first_in_order(biased, guide_deps.order)
-            reason = f"model parent {parent} is sampled after {name} in the guide and depends on it"
-            if len(biased) > 1:
-                reason += f" (and {len(biased) - 1} more)"
-            why_unknown = guide_deps.unknown.get(parent) or model_deps.unknown.get(name)
-            if why_unknown:
-                reason += f"; dependencies not fully known: {why_unknown}"
+        reason = bias_reason(
+            name, common["model_parents"], common["guide_descendants"], guide_deps, model_deps
+        )
+        if reason is not None:
             if option == "analytic":
                 raise ValueError(
                     f"site '{name}': infer={{'kl': 'analytic'}} would be biased: {reason}. "
@@ -289,25 +341,7 @@ def build_plan(
                 )
             records[name] = SiteRecord(estimator="mc", reason=reason, **common)
             continue
-        q, _ = unwrap_mask(guide_site["fn"])
-        p, _ = unwrap_mask(model_site["fn"])
-        if has_mask(q) or has_mask(p):
-            rule, why = (
-                None,
-                (
-                    "a .mask() varies inside the event (it cannot be folded into the site's "
-                    "factor), and a KL of masked distributions is biased where the model's "
-                    "and the guide's masks differ"
-                ),
-            )
-        else:
-            rule, why = find_kl_rule(q, p, kl_rules)
-        if rule is not None:
-            try:
-                with torch.no_grad():
-                    compute_kl(name, q, p, rule)
-            except NotImplementedError as e:
-                rule, why = None, f"{rule.description} does not apply: {e}"
+        rule, why, q, p = find_site_kl_rule(name, model_site, guide_site, kl_rules)
         if rule is None:
             if option == "analytic":
                 raise ValueError(

@@ -109,7 +109,7 @@ def has_mask(fn: Distribution) -> bool:
     return False
 
 
-def _same_factor(scale_p: Any, mask_p: Any, scale_q: Any, mask_q: Any) -> bool:
+def same_factor(scale_p: Any, mask_p: Any, scale_q: Any, mask_q: Any) -> bool:
     if torch.is_tensor(scale_p) or torch.is_tensor(scale_q):
         if scale_p is not scale_q:
             return False
@@ -130,7 +130,7 @@ def site_log_prob(site: Dict[str, Any]) -> torch.Tensor:
     return scale_and_mask(log_p, site["scale"], site["mask"])
 
 
-class _Factors(NamedTuple):
+class SiteFactors(NamedTuple):
     q: Distribution
     p: Distribution
     scale_q: Any
@@ -139,10 +139,10 @@ class _Factors(NamedTuple):
     mask_p: Any
 
 
-def _factors(model_site: Dict[str, Any], guide_site: Dict[str, Any]) -> _Factors:
+def site_factors(model_site: Dict[str, Any], guide_site: Dict[str, Any]) -> SiteFactors:
     q, mask_q = unwrap_mask(guide_site["fn"])
     p, mask_p = unwrap_mask(model_site["fn"])
-    return _Factors(
+    return SiteFactors(
         q,
         p,
         guide_site["scale"],
@@ -174,7 +174,7 @@ def analytic_term(
     :math:`-f_p\,\mathrm{KL}(q \| p) - (f_p - f_q)\,\mathrm{H}(q)` for one site,
     not summed; see the module docstring.
     """
-    q, p, scale_q, mask_q, scale_p, mask_p = _factors(model_site, guide_site)
+    q, p, scale_q, mask_q, scale_p, mask_p = site_factors(model_site, guide_site)
     if has_mask(q) or has_mask(p):
         # this step's mask varies inside the event, so it is not a per-site factor:
         # a KL of the masked pair would be biased where the two masks differ
@@ -182,7 +182,7 @@ def analytic_term(
     kl = compute_kl(name, q, p, rule)
     term = -scale_and_mask(kl, scale_p, mask_p)
     same_shape = kl.shape == q.batch_shape
-    if same_shape and _same_factor(scale_p, mask_p, scale_q, mask_q):
+    if same_shape and same_factor(scale_p, mask_p, scale_q, mask_q):
         return term
     try:
         entropy = q.entropy()
@@ -232,9 +232,9 @@ def batched_analytic_term(
     be stacked this step (factors that differ between model and guide, or
     scales and masks of mixed kinds): the caller then computes them one by one.
     """
-    factors = [_factors(model_nodes[n], guide_nodes[n]) for n in names]
+    factors = [site_factors(model_nodes[n], guide_nodes[n]) for n in names]
     for f in factors:
-        if f.p.batch_shape != f.q.batch_shape or not _same_factor(
+        if f.p.batch_shape != f.q.batch_shape or not same_factor(
             f.scale_p, f.mask_p, f.scale_q, f.mask_q
         ):
             return None

@@ -1,0 +1,539 @@
+# SPDX-FileCopyrightText: 2026 pyro-markov-kl developers
+# SPDX-License-Identifier: Apache-2.0
+
+r"""
+Discrete enumeration alongside the analytic KL.
+
+:class:`~pyro.infer.traceenum_elbo.TraceEnum_ELBO` computes, for one sample
+:math:`z \sim q` of the guide's non-enumerated sites,
+
+.. math::
+
+    \mathcal{L} = \sum_t \mathbb{E}_{\hat q}\Big[\sum_{c \in \mathrm{costs}_t} c\Big],
+    \qquad \mathrm{costs} = \{\log \textstyle\sum_{k} p(k, \cdot)\} \cup
+    \{f_p \log p_s\}_{s} \cup \{-f_q \log q_s\}_{s},
+
+where the sites :math:`k` enumerated in the model are summed out inside the
+logarithm of the factors that involve them (a sum-product contraction), every
+other model site contributes :math:`f_p \log p_s` and every guide site
+:math:`-f_q \log q_s`, and :math:`\mathbb{E}_{\hat q}` weights each cost by the
+exact probabilities of the sites enumerated in the guide and by DiCE factors
+of the non-reparameterised sampled guide sites (:class:`pyro.infer.util.Dice`).
+
+For a latent site :math:`s` sampled (not enumerated) in the guide whose model
+factor :math:`p_s` involves no site enumerated in the model, the two costs
+:math:`f_p \log p_s(z_s) - f_q \log q_s(z_s)` are linear terms of the ELBO, and
+by the argument of :mod:`pyro_markov_kl.plan` (no model parent of :math:`s` is
+a guide descendant of :math:`s`) their expectation given the guide's parents of
+:math:`s`, whether those were sampled or enumerated, is
+
+.. math::
+
+    -f_p\,\mathrm{KL}\big(q_s(\cdot \mid \mathrm{pa}_q(s)) \,\|\,
+    p_s(\cdot \mid \mathrm{pa}_p(s))\big) - (f_p - f_q)\,\mathrm{H}(q_s)
+
+(:mod:`pyro_markov_kl.terms`). :class:`TraceEnumMarkovKL_ELBO` substitutes it
+inside TraceEnum_ELBO's own computation: the model site's packed ``log_prob``
+becomes :math:`-f_p(\mathrm{KL} + \mathrm{H})` (or :math:`-f_p\,\mathrm{KL}`
+where the factors agree) and the guide site's becomes
+:math:`-f_q\,\mathrm{H}` (or zero), with the sites' own plate and enumeration
+dimensions. Where :math:`q_s` depends on a site enumerated in the guide the
+KL carries that enumeration dimension, and the weighting by the guide's
+enumerated probabilities makes its expectation exact. Everything else (the
+enumerated sums, the DiCE weights, plates, ``pyro.markov`` contraction, which
+stays linear in the length of the chain) is TraceEnum_ELBO's.
+
+A site whose model factor carries the dimension of a model-enumerated site
+:math:`k` enters the sum-product as :math:`\log \sum_k p(k)\,p_s(z_s \mid k)`,
+which no KL of :math:`q_s` replaces: it keeps the Monte Carlo term.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple
+
+import torch
+from pyro import poutine
+from pyro.distributions.util import scale_and_mask
+from pyro.infer.traceenum_elbo import TraceEnum_ELBO
+from pyro.ops import packed
+from pyro.poutine.enum_messenger import EnumMessenger
+from pyro.poutine.trace_struct import Trace
+
+from .dependencies import ProgramDependencies, analyse_dependencies
+from .kl import KLRule, compute_kl, registry_version
+from .plan import (
+    Plan,
+    SiteRecord,
+    StructureKey,
+    bias_reason,
+    check_model_guide_sites,
+    find_site_kl_rule,
+    is_reparameterized,
+    kl_option,
+    sample_sites,
+    structure_key,
+)
+from .terms import same_factor, site_factors
+
+__all__ = ["EnumPlan", "TraceEnumMarkovKL_ELBO", "build_enum_plan", "enum_analytic_parts"]
+
+
+@dataclass(frozen=True)
+class EnumPlan(Plan):
+    """
+    A :class:`~pyro_markov_kl.plan.Plan` for :class:`TraceEnumMarkovKL_ELBO`.
+    Latent sites enumerated in the guide have ``estimator == "enum"``
+    (TraceEnum_ELBO sums over their values exactly).
+
+    :ivar model_enumerated: sites enumerated in the model (not in the guide),
+        summed out by TraceEnum_ELBO, in model order
+    :ivar guide_enumerated: sites enumerated in the guide, in guide order
+    """
+
+    model_enumerated: Tuple[str, ...] = ()
+    guide_enumerated: Tuple[str, ...] = ()
+
+    def score_function_sites(self) -> Tuple[str, ...]:
+        """Non-reparameterised guide sites that are sampled, not enumerated: DiCE factors."""
+        return tuple(
+            n
+            for n, r in self.sites.items()
+            if not r.reparameterized and n not in self.guide_enumerated
+        )
+
+    def __str__(self) -> str:
+        lines = super().__str__().split("\n")[:-1]  # all but the count line
+        if self.model_enumerated:
+            names = self.model_enumerated
+            shown = ", ".join(names[:4]) + (f" (+{len(names) - 4})" if len(names) > 4 else "")
+            lines.append(f"enumerated in the model (summed out exactly): {shown}")
+        counts = {e: 0 for e in ("analytic", "mc", "enum")}
+        for rec in self.sites.values():
+            counts[rec.estimator] = counts.get(rec.estimator, 0) + 1
+        lines.append(
+            f"{counts['analytic']} analytic, {counts['mc']} Monte Carlo, {counts['enum']} "
+            f"enumerated in the guide, {len(self.model_enumerated)} enumerated in the model, "
+            f"{len(self.observed)} observed site(s)"
+        )
+        return "\n".join(lines)
+
+
+def _model_enumerated(model_trace: Trace, guide_trace: Trace) -> Dict[str, str]:
+    """Model sites enumerated in the model, not in the guide: name -> enumeration symbol."""
+    return {
+        name: site["infer"].get("_enumerate_symbol", "")
+        for name, site in model_trace.nodes.items()
+        if site["type"] == "sample"
+        and name not in guide_trace.nodes
+        and site["infer"].get("_enumerate_dim") is not None
+    }
+
+
+def _is_enumerated(guide_site: Mapping) -> bool:
+    return bool(guide_site["infer"].get("enumerate"))
+
+
+def _without(trace: Trace, names: Any) -> Trace:
+    filtered = Trace(graph_type=trace.graph_type)
+    filtered.nodes.update((n, s) for n, s in trace.nodes.items() if n not in names)
+    return filtered
+
+
+def _ordinal(site: Mapping) -> frozenset:
+    return frozenset(f.name for f in site["cond_indep_stack"] if f.vectorized)
+
+
+def _fallback(common: Dict[str, Any], reason: str) -> SiteRecord:
+    """A Monte Carlo record, or an error for ``infer={"kl": "analytic"}``."""
+    if common["override"] == "analytic":
+        raise ValueError(
+            f"site '{common['name']}': infer={{'kl': 'analytic'}} is not possible: {reason}. "
+            "Use infer={'kl': 'auto'}"
+        )
+    return SiteRecord(estimator="mc", reason=reason, **common)
+
+
+def build_enum_plan(
+    model_trace: Trace,
+    guide_trace: Trace,
+    guide_deps: ProgramDependencies,
+    model_deps: ProgramDependencies,
+    kl_rules: Optional[Mapping[Tuple[type, type], Any]] = None,
+) -> EnumPlan:
+    r"""
+    Decide the estimator of every latent site of a pair of traces packed by
+    :class:`~pyro.infer.traceenum_elbo.TraceEnum_ELBO` (sites enumerated in
+    the model carry ``infer["_enumerate_dim"]``, every site
+    ``site["packed"]["log_prob"]``).
+
+    A latent site sampled in the guide gets the analytic KL iff (checked in
+    this order; the first that fails gives the reason):
+
+    1. ``infer={"kl": "mc"}`` is not set;
+    2. its model ``log_prob`` carries no dimension of a site enumerated in the
+       model (otherwise TraceEnum_ELBO sums that site out inside the log);
+    3. the guide samples it with ``rsample`` (the non-reparameterised case is
+       left to TraceEnum_ELBO's DiCE estimator);
+    4. no model parent of it is a guide descendant of it (the core rule);
+    5. a KL rule applies (as in :func:`pyro_markov_kl.plan.build_plan`).
+
+    Sites enumerated in the guide get ``"enum"``, except those sampled
+    ``num_samples`` times (``"mc"``); auxiliary guide sites get ``"mc"`` (or
+    ``"enum"`` if enumerated).
+
+    :raises ValueError: for ``infer={"kl": "analytic"}`` on a site that fails
+        2--5, and for inconsistent model/guide pairs
+    """
+    enumerated = _model_enumerated(model_trace, guide_trace)
+    check_model_guide_sites(_without(model_trace, enumerated), guide_trace)
+    symbol_to_site = {sym: name for name, sym in enumerated.items() if sym}
+    model_sites = sample_sites(model_trace)
+    guide_sites = sample_sites(guide_trace)
+    latents = frozenset(guide_sites)
+    descendants = guide_deps.descendants()
+    guide_enumerated = tuple(n for n, s in guide_sites.items() if _is_enumerated(s))
+
+    records: Dict[str, SiteRecord] = {}
+    observed = []
+    for name, model_site in model_sites.items():
+        if model_site["is_observed"]:
+            observed.append(name)
+            continue
+        if name in enumerated:
+            continue
+        guide_site = guide_sites[name]
+        option = kl_option(name, guide_site)
+        common = dict(
+            name=name,
+            guide_parents=guide_deps.parents[name] & latents,
+            model_parents=model_deps.parents[name] & (latents | frozenset(enumerated)),
+            guide_descendants=descendants[name],
+            override=option,
+            reparameterized=is_reparameterized(guide_site),
+        )
+        fallback = functools.partial(_fallback, common)
+
+        if _is_enumerated(guide_site):
+            num_samples = guide_site["infer"].get("num_samples")
+            if option == "analytic":
+                raise ValueError(
+                    f"site '{name}': infer={{'kl': 'analytic'}} on a site enumerated in the "
+                    "guide; TraceEnum_ELBO already sums over its values"
+                )
+            if num_samples is not None:
+                records[name] = SiteRecord(
+                    estimator="mc",
+                    reason=f"sampled {num_samples} times in parallel in the guide "
+                    "(infer num_samples): TraceEnum_ELBO's estimator",
+                    **common,
+                )
+            else:
+                how = guide_site["infer"]["enumerate"]
+                records[name] = SiteRecord(
+                    estimator="enum",
+                    reason=f"enumerated in the guide ({how}): TraceEnum_ELBO sums over its "
+                    "values exactly",
+                    **common,
+                )
+            continue
+        if option == "mc":
+            records[name] = SiteRecord(
+                estimator="mc", reason="forced by infer={'kl': 'mc'}", **common
+            )
+            continue
+        dims = getattr(model_site["packed"]["log_prob"], "_pyro_dims", "")
+        involved = [symbol_to_site[d] for d in dims if d in symbol_to_site]
+        if involved:
+            order = tuple(model_trace.nodes)
+            involved.sort(key=order.index)
+            reason = f"model factor involves enumerated site {involved[0]}"
+            if len(involved) > 1:
+                reason += f" (and {len(involved) - 1} more)"
+            records[name] = fallback(
+                reason + ", which TraceEnum_ELBO sums out inside the log-likelihood"
+            )
+            continue
+        if not common["reparameterized"]:
+            records[name] = fallback(
+                "the guide does not reparameterise it: TraceEnum_ELBO's DiCE estimator"
+            )
+            continue
+        reason = bias_reason(
+            name, common["model_parents"], common["guide_descendants"], guide_deps, model_deps
+        )
+        if reason is not None:
+            records[name] = fallback(reason)
+            continue
+        rule, why, _, _ = find_site_kl_rule(name, model_site, guide_site, kl_rules)
+        if rule is None:
+            records[name] = fallback(why)
+            continue
+        enum_parents = [n for n in guide_enumerated if n in common["guide_parents"]]
+        where = f" (depends on {', '.join(enum_parents)}, enumerated in the guide)" * bool(
+            enum_parents
+        )
+        records[name] = SiteRecord(
+            estimator="analytic",
+            reason=f"no enumerated site in its model factor and no model parent depends on it "
+            f"in the guide; KL by {rule.description}{where}",
+            kl_rule=rule,
+            **common,
+        )
+
+    for name, guide_site in guide_sites.items():
+        if name not in model_sites:
+            records[name] = SiteRecord(
+                name=name,
+                estimator="enum" if _is_enumerated(guide_site) else "mc",
+                reason="auxiliary guide site: contributes -log q",
+                guide_parents=guide_deps.parents[name] & latents,
+                guide_descendants=descendants[name],
+                reparameterized=is_reparameterized(guide_site),
+            )
+
+    # DiCE weights every cost at the same or a nested plate ordinal
+    ordinals = {n: _ordinal(s) for n, s in model_sites.items() if n not in enumerated}
+    ordinals.update((n, _ordinal(s)) for n, s in guide_sites.items() if n not in model_sites)
+    for name, rec in list(records.items()):
+        if not rec.reparameterized and name not in guide_enumerated:
+            own = _ordinal(guide_sites[name])
+            downstream = tuple(n for n, o in ordinals.items() if own <= o)
+            records[name] = replace(rec, downstream=downstream)
+
+    return EnumPlan(
+        sites=records,
+        observed=tuple(observed),
+        guide=guide_deps,
+        model=model_deps,
+        model_enumerated=tuple(enumerated),
+        guide_enumerated=guide_enumerated,
+    )
+
+
+# --- the substitution ---------------------------------------------------------------------------
+_KEEP = object()
+
+
+def enum_analytic_parts(
+    name: str, model_site: Dict[str, Any], guide_site: Dict[str, Any], rule: KLRule
+) -> Tuple[torch.Tensor, Any]:
+    r"""
+    The replacements of one analytic site's two costs, unpacked and not summed:
+    the model's :math:`-f_p(\mathrm{KL} + \mathrm{H})` and the guide's
+    ``log_prob`` slot :math:`-f_q\,\mathrm{H}` (TraceEnum_ELBO's guide cost is
+    minus that slot), so that their sum is
+    :math:`-f_p\,\mathrm{KL} - (f_p - f_q)\,\mathrm{H}`. Where the factors and
+    shapes agree they are :math:`-f_p\,\mathrm{KL}` and ``None`` (zero). Where
+    ``q.entropy()`` is not implemented :math:`\mathrm{H}` is estimated by
+    :math:`-\log q(z)` at the sample and the guide's slot is kept (returned as
+    a sentinel, ``_KEEP``).
+
+    :returns: ``(model_value, guide_value)``
+    """
+    q, p, scale_q, mask_q, scale_p, mask_p = site_factors(model_site, guide_site)
+    kl = compute_kl(name, q, p, rule)
+    if kl.shape == q.batch_shape and same_factor(scale_p, mask_p, scale_q, mask_q):
+        return -scale_and_mask(kl, scale_p, mask_p), None
+    guide_value: Any
+    try:
+        entropy = q.entropy()
+        guide_value = -scale_and_mask(entropy, scale_q, mask_q)
+    except NotImplementedError:
+        entropy = -q.log_prob(guide_site["value"])
+        guide_value = _KEEP
+    return -scale_and_mask(kl + entropy, scale_p, mask_p), guide_value
+
+
+def _pack_like(value: torch.Tensor, site: Dict[str, Any], name: str) -> torch.Tensor:
+    """
+    Pack ``value`` with the symbols of ``site``'s packed ``log_prob`` (read off
+    its unpacked and packed forms), then of its ``_dim_to_symbol``.
+    """
+    ref, ref_packed = site["log_prob"], site["packed"]["log_prob"]
+    dim_to_symbol = dict(site["infer"].get("_dim_to_symbol", {}))
+    if torch.is_tensor(ref):
+        symbols = iter(getattr(ref_packed, "_pyro_dims", ""))
+        n = ref.dim()
+        for i, size in enumerate(ref.shape):
+            if size > 1:
+                dim_to_symbol[i - n] = next(symbols)
+    try:
+        return packed.pack(value, dim_to_symbol)
+    except ValueError as e:
+        raise ValueError(
+            f"site '{name}': the analytic term of shape {tuple(value.shape)} does not fit the "
+            f"site's log_prob of shape {tuple(getattr(ref, 'shape', ()))}"
+        ) from e
+
+
+def _zeros_like_packed(x: Any) -> torch.Tensor:
+    if not torch.is_tensor(x):
+        zero = torch.zeros(())
+        zero._pyro_dims = ""  # type: ignore[attr-defined]
+        return zero
+    zero = x.new_zeros(()).expand(x.shape)
+    zero._pyro_dims = x._pyro_dims  # type: ignore[attr-defined]
+    return zero
+
+
+def apply_plan(plan: Plan, model_trace: Trace, guide_trace: Trace) -> None:
+    """
+    Substitute the analytic terms of ``plan`` into a pair of packed traces
+    in place (see the module docstring).
+    """
+    for name in plan.analytic_sites():
+        rule = plan.sites[name].kl_rule
+        model_site, guide_site = model_trace.nodes[name], guide_trace.nodes[name]
+        model_value, guide_value = enum_analytic_parts(name, model_site, guide_site, rule)
+        model_site["packed"]["log_prob"] = _pack_like(model_value, model_site, name)
+        if guide_value is _KEEP:
+            continue
+        gpacked = guide_site["packed"]
+        if guide_value is None:
+            new = _zeros_like_packed(gpacked["log_prob"])
+        else:
+            new = _pack_like(guide_value, guide_site, name)
+        gpacked["log_prob"] = new
+        if "score_parts" in gpacked:
+            gpacked["score_parts"] = gpacked["score_parts"]._replace(log_prob=new)
+
+
+# --- the ELBO -----------------------------------------------------------------------------------
+class TraceEnumMarkovKL_ELBO(TraceEnum_ELBO):
+    r"""
+    :class:`~pyro.infer.traceenum_elbo.TraceEnum_ELBO` with the per-site
+    analytic KL of :class:`~pyro_markov_kl.TraceMarkovKL_ELBO`.
+
+    Sites marked ``infer={"enumerate": "parallel"}`` (or ``"sequential"`` in
+    the guide) are marginalised exactly as TraceEnum_ELBO does, in the model
+    and in the guide, with ``max_plate_nesting`` and ``pyro.markov``. For a
+    latent site :math:`s` sampled in the guide, the Monte Carlo term
+    :math:`f_p \log p_s - f_q \log q_s` is replaced by
+
+    .. math::
+
+        -f_p\,\mathrm{KL}\big(q_s(\cdot \mid \mathrm{pa}_q(s)) \,\|\,
+        p_s(\cdot \mid \mathrm{pa}_p(s))\big) - (f_p - f_q)\,\mathrm{H}(q_s)
+
+    iff its model factor involves no site enumerated in the model, the guide
+    reparameterises it, no model parent of :math:`s` is a guide descendant of
+    :math:`s`, and a KL rule applies; see :func:`build_enum_plan` and
+    :meth:`explain`. A KL that depends on a site enumerated in the guide keeps
+    that enumeration dimension and is averaged under the guide's enumerated
+    probabilities, which is exact. The dependency analysis runs once per
+    model/guide structure and is cached.
+
+    The constructor takes the arguments of TraceEnum_ELBO, and:
+
+    :param dict kl_rules: KL functions ``{(type_q, type_p): fn}`` used by this
+        instance only, before the registry of
+        :func:`pyro_markov_kl.register_kl` and torch's.
+    :param int plan_cache_size: how many plans (one per structure) to keep;
+        ``0`` analyses every step.
+
+    Example::
+
+        elbo = TraceEnumMarkovKL_ELBO(max_plate_nesting=1)
+        print(elbo.explain(model, guide, data))
+        svi = SVI(model, guide, optim, elbo)
+    """
+
+    def __init__(
+        self,
+        num_particles: int = 1,
+        max_plate_nesting: float = float("inf"),
+        max_iarange_nesting: Optional[int] = None,
+        vectorize_particles: bool = False,
+        strict_enumeration_warning: bool = True,
+        ignore_jit_warnings: bool = False,
+        jit_options: Optional[dict] = None,
+        retain_graph: Optional[bool] = None,
+        tail_adaptive_beta: float = -1.0,
+        *,
+        kl_rules: Optional[Mapping[Tuple[type, type], Callable]] = None,
+        plan_cache_size: int = 256,
+    ) -> None:
+        super().__init__(
+            num_particles=num_particles,
+            max_plate_nesting=max_plate_nesting,
+            max_iarange_nesting=max_iarange_nesting,
+            vectorize_particles=vectorize_particles,
+            strict_enumeration_warning=strict_enumeration_warning,
+            ignore_jit_warnings=ignore_jit_warnings,
+            jit_options=jit_options,
+            retain_graph=retain_graph,
+            tail_adaptive_beta=tail_adaptive_beta,
+        )
+        self.kl_rules = dict(kl_rules or {})
+        self.plan_cache_size = plan_cache_size
+        self._plans: OrderedDict[Any, EnumPlan] = OrderedDict()
+
+    def _get_traces_and_plans(
+        self, model: Callable, guide: Callable, args: tuple, kwargs: dict
+    ) -> Iterator[Tuple[Trace, Trace, EnumPlan]]:
+        for model_trace, guide_trace in super()._get_traces(model, guide, args, kwargs):
+            plan = self._get_plan(model, guide, args, kwargs, model_trace, guide_trace)
+            apply_plan(plan, model_trace, guide_trace)
+            yield model_trace, guide_trace, plan
+
+    def _get_traces(self, model, guide, args, kwargs):
+        for model_trace, guide_trace, _ in self._get_traces_and_plans(model, guide, args, kwargs):
+            yield model_trace, guide_trace
+
+    def _get_plan(
+        self,
+        model: Callable,
+        guide: Callable,
+        args: tuple,
+        kwargs: dict,
+        model_trace: Trace,
+        guide_trace: Trace,
+    ) -> EnumPlan:
+        owner = (model, guide, self.vectorize_particles, self.num_particles, self.max_plate_nesting)
+        key = StructureKey((owner, registry_version(), structure_key(model_trace, guide_trace)))
+        plan = self._plans.get(key)
+        if plan is not None:
+            self._plans.move_to_end(key)
+            return plan
+        if self.vectorize_particles:
+            model = self._vectorized_num_particles(model)
+            guide = self._vectorized_num_particles(guide)
+        # the same enumeration as TraceEnum_ELBO._get_traces, on a private copy of the
+        # guide trace (replay shares the guide's infer dicts with the model)
+        guide = EnumMessenger(first_available_dim=-1 - self.max_plate_nesting)(guide)
+        model = EnumMessenger()(model)
+        replay_trace = Trace()
+        for name, site in guide_trace.nodes.items():
+            if site["type"] == "sample":
+                replay_trace.add_node(name, **dict(site, infer=dict(site["infer"])))
+        tracing_state = torch._C._get_tracing_state()
+        torch._C._set_tracing_state(None)
+        try:
+            guide_deps, model_deps = analyse_dependencies(model, guide, replay_trace, args, kwargs)
+        finally:
+            torch._C._set_tracing_state(tracing_state)
+        plan = build_enum_plan(model_trace, guide_trace, guide_deps, model_deps, self.kl_rules)
+        if self.plan_cache_size > 0:
+            self._plans[key] = plan
+            while len(self._plans) > self.plan_cache_size:
+                self._plans.popitem(last=False)
+        return plan
+
+    def explain(self, model: Callable, guide: Callable, *args, **kwargs) -> EnumPlan:
+        """
+        Trace the model and guide once and return the estimator plan: for each
+        latent site, ``estimator`` (``"analytic"``, ``"mc"`` or ``"enum"``),
+        ``reason``, ``guide_parents``, ``model_parents`` (including sites
+        enumerated in the model) and ``guide_descendants``; ``print(plan)``
+        shows it as a table. The same plan drives the loss.
+
+        :returns: the :class:`EnumPlan`
+        """
+        with poutine.block():
+            for _, _, plan in self._get_traces_and_plans(model, guide, args, kwargs):
+                return plan
+        raise ValueError("num_particles must be at least 1")
