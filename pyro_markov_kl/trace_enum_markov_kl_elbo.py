@@ -472,6 +472,12 @@ class TraceEnumMarkovKL_ELBO(TraceEnum_ELBO):
         self.plan_cache_size = plan_cache_size
         self._plans: OrderedDict[Any, EnumPlan] = OrderedDict()
 
+    def __getstate__(self) -> dict:
+        # plans hold rules and callables that need not pickle; they are rebuilt on demand
+        state = self.__dict__.copy()
+        state["_plans"] = OrderedDict()
+        return state
+
     def _get_traces_and_plans(
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict
     ) -> Iterator[Tuple[Trace, Trace, EnumPlan]]:

@@ -110,6 +110,13 @@ class TraceMarkovKL_ELBO(ELBO):
         self.plan_cache_size = plan_cache_size
         self._plans: OrderedDict[Any, Plan] = OrderedDict()
 
+    def __getstate__(self) -> dict:
+        # plans hold rules and callables that need not pickle; they are rebuilt on demand
+        state = self.__dict__.copy()
+        state["_plans"] = OrderedDict()
+        state.pop("_compiled", None)
+        return state
+
     # --- traces ---------------------------------------------------------------
     def _get_unpruned_trace(self, model, guide, args, kwargs) -> Tuple[Trace, Trace]:
         if isinstance(poutine.unwrap(guide), Messenger):

@@ -274,3 +274,20 @@ def test_svi_trains():
     assert pyro.param("loc").item() == pytest.approx(1.8, abs=0.05)
     assert pyro.param("scale").item() == pytest.approx(math.sqrt(0.1), abs=0.03)
     assert math.isfinite(svi.evaluate_loss(data))
+
+
+def test_pickles_after_use():
+    import pickle
+
+    def model():
+        pyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+
+    def guide():
+        pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+
+    elbo = TraceMarkovKL_ELBO(num_particles=2)
+    elbo.loss(model, guide)
+    assert len(elbo._plans) == 1
+    copy = pickle.loads(pickle.dumps(elbo))
+    assert copy.num_particles == 2 and len(copy._plans) == 0
+    assert math.isfinite(copy.loss(model, guide))
