@@ -36,6 +36,7 @@ active.
 
 from __future__ import annotations
 
+import importlib.util
 from collections import OrderedDict
 from typing import Any, Optional, Tuple
 
@@ -79,6 +80,8 @@ def find_gaussian_rule(q: Distribution, p: Distribution) -> Tuple[Optional[KLRul
         return None, "not a pair of Gaussian-family distributions for the funsor fallback"
     if q.event_shape != p.event_shape:
         return None, "event shapes differ"
+    if importlib.util.find_spec("funsor") is None:
+        return None, "funsor is not installed (the exact Gaussian fallback needs it)"
     return KLRule(
         gaussian_kl, "funsor", f"funsor: exact Gaussian integral ({_name(q)} vs {_name(p)})"
     ), ""

@@ -113,7 +113,7 @@ def _tensors(xs: Any) -> List[torch.Tensor]:
     return [x for x in _leaves(xs) if isinstance(x, torch.Tensor)]
 
 
-@functools.cache
+@functools.lru_cache(maxsize=None)  # noqa: UP033 -- Python 3.8, as Pyro
 def _written_arguments(func: Any) -> Tuple[Tuple[int, str], ...]:
     """Positions and names of the arguments an operator writes into."""
     return tuple(

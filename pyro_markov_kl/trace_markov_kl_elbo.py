@@ -18,7 +18,7 @@ from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_if_enumerated, check_model_guide_match, warn_if_nan
 
 from .dependencies import analyse_dependencies
-from .plan import Plan, StructureKey, build_plan, structure_key
+from .plan import Plan, StructureKey, build_plan, check_model_guide_sites, structure_key
 from .score_function import score_function_terms
 from .terms import elbo_terms, sum_terms
 
@@ -129,6 +129,7 @@ class TraceMarkovKL_ELBO(ELBO):
             *args, **kwargs
         )
         if is_validation_enabled():
+            check_model_guide_sites(model_trace, guide_trace)  # errors that name the site first
             check_model_guide_match(model_trace, guide_trace, self.max_plate_nesting)
             check_if_enumerated(guide_trace)
         return model_trace, guide_trace
