@@ -432,7 +432,7 @@ def _build_indep_indep(q: Any, p: Any, resolve: Resolver) -> Union[KLRule, str]:
             raise KLDivergenceError(
                 f"{inner.description} returned shape {shape} for the pair inside "
                 f"Independent, expected {tuple(expected)}. Fix: a KL function must return one "
-                "value per element of the broadcast batch shape of the pair"
+                "value per element of the broadcast batch shape of the pair."
             )
         return sum_rightmost(kl, shared)
 

@@ -14,13 +14,14 @@ and model factor :math:`p_s(z_s \mid \mathrm{pa}_p(s))`, the Monte Carlo term
     = -\mathrm{KL}\left(q_s(\cdot \mid \mathrm{pa}_q(s)) \,\|\,
       p_s(\cdot \mid \mathrm{pa}_p(s))\right)
 
-evaluated at the sampled parents, without bias, exactly when no model parent
+evaluated at the sampled parents, without bias, whenever no model parent
 of :math:`s` is a guide descendant of :math:`s`: by the local Markov property
 of the guide, :math:`z_s` is independent of its non-descendants given
 :math:`\mathrm{pa}_q(s)`, so integrating :math:`z_s` out given every other
 non-descendant is integrating against :math:`q_s(\cdot \mid \mathrm{pa}_q(s))`
 with :math:`\mathrm{pa}_p(s)` held fixed. If a model parent is a descendant,
-it moves with :math:`z_s` and the substitution is biased.
+it moves with :math:`z_s` and the substitution is biased in general, so the
+plan uses Monte Carlo there.
 """
 
 from __future__ import annotations
@@ -161,7 +162,8 @@ def _check_guide_site(name: str, guide_site: Mapping) -> None:
     if guide_site["infer"].get("enumerate") is not None:
         raise NotImplementedError(
             f"site '{name}' is marked for enumeration (infer={{'enumerate': ...}}), which "
-            "TraceMarkovKL_ELBO does not support yet; use TraceEnum_ELBO for this model"
+            "TraceMarkovKL_ELBO does not support; use pyro_markov_kl.TraceEnumMarkovKL_ELBO, "
+            "which combines analytic KL with Pyro's enumeration"
         )
 
 

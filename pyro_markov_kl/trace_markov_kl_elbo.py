@@ -187,7 +187,8 @@ class TraceMarkovKL_ELBO(ELBO):
             for deps in (guide_deps, model_deps):
                 for names, where in deps.escapes:
                     raise ValueError(
-                        f"site {', '.join(names)}: vectorize_particles=True needs a model and "
+                        f"site {', '.join(repr(n) for n in names)}: vectorize_particles=True "
+                        "needs a model and "
                         "guide whose structure does not depend on sampled values, but the value "
                         f"reached Python (.item(), bool(), .tolist(), ...) at {where}. Use "
                         "vectorize_particles=False, or keep sampled values out of Python control "
@@ -310,6 +311,15 @@ class TraceMarkovKL_ELBO(ELBO):
         return loss
 
 
+def _arg_shapes(args: Any) -> tuple:
+    """The shapes of the tensors in (nested tuples of) ``args``, e.g. a ``PackedSequence``."""
+    if torch.is_tensor(args):
+        return tuple(args.shape)
+    if isinstance(args, (tuple, list)):
+        return tuple(_arg_shapes(a) for a in args)
+    return ()
+
+
 class JitTraceMarkovKL_ELBO(TraceMarkovKL_ELBO):
     """
     Like :class:`TraceMarkovKL_ELBO` but uses :func:`pyro.ops.jit.trace` to
@@ -322,10 +332,14 @@ class JitTraceMarkovKL_ELBO(TraceMarkovKL_ELBO):
     restrictions of Pyro's :class:`~pyro.infer.trace_elbo.JitTrace_ELBO`
     apply:
 
-    -   Models must have static structure: one compiled graph serves every
-        call, so a plan that would change (for example a different sequence
-        length) needs a new compilation, which happens only when the number
-        of positional arguments or the ``**kwargs`` change.
+    -   Models must have static structure given the shapes of their tensor
+        arguments: a graph is compiled for each model/guide pair, number of
+        arguments, set of ``**kwargs`` and set of argument shapes (so a new
+        sequence length compiles a new graph, with its own plan), and reused
+        for every call that matches.
+    -   Arguments must be tensors or (nested) tuples of tensors for
+        :func:`torch.jit.trace`: a ``PackedSequence`` whose index fields are
+        ``None`` (as the DMM example passes) cannot be traced.
     -   Models must not depend on any global data (except the param store).
     -   All model inputs that are tensors must be passed in via ``*args``.
     -   All model inputs that are *not* tensors must be passed in via
@@ -347,10 +361,13 @@ class JitTraceMarkovKL_ELBO(TraceMarkovKL_ELBO):
                 ignore_warnings=self.ignore_jit_warnings, jit_options=self.jit_options
             )
             def loss_and_surrogate_loss(*args, **kwargs):
+                kwargs.pop("_pmkl_arg_shapes")
                 return weakself()._loss_and_surrogate_loss(model, guide, args, kwargs)
 
             compiled[key] = loss_and_surrogate_loss
-        return compiled[key](*args, **kwargs)
+        # Pyro's compiler keys on len(args) and kwargs; the argument shapes decide the
+        # structure (e.g. the sequence length), so a new shape must compile a new graph
+        return compiled[key](*args, _pmkl_arg_shapes=_arg_shapes(args), **kwargs)
 
     def differentiable_loss(self, model: Callable, guide: Callable, *args, **kwargs):
         loss, surrogate_loss = self.loss_and_surrogate_loss(model, guide, *args, **kwargs)

@@ -153,7 +153,7 @@ def test_vectorized_particles_with_dynamic_structure():
             pyro.sample("b", dist.Normal(0.0, 1.0))
 
     elbo = TraceMarkovKL_ELBO(num_particles=10, vectorize_particles=True, max_plate_nesting=0)
-    with pytest.raises(ValueError, match=r"site a: vectorize_particles=True.*reached Python"):
+    with pytest.raises(ValueError, match=r"site 'a': vectorize_particles=True.*reached Python"):
         elbo.loss(model, guide)
     # without vectorization it is fine: each particle has its own structure and plan
     loss = TraceMarkovKL_ELBO(num_particles=10).loss(model, guide)

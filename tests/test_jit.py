@@ -73,3 +73,27 @@ def test_new_structure_gets_new_plan(T):
     assert torch.isfinite(torch.tensor(loss))
     (plan,) = elbo._plans.values()
     assert set(plan.sites) == {f"z_{t}" for t in range(T)}
+
+
+def guide_max8(data, annealing):
+    w = pyro.param("w", torch.tensor(0.5))
+    b = pyro.param("b8", torch.zeros(8))
+    z = torch.zeros(())
+    for t in range(len(data)):
+        with pyro.poutine.scale(scale=annealing):
+            z = pyro.sample(f"z_{t}", dist.Normal(w * z + b[t], 0.8))
+
+
+def test_new_sequence_length_compiles_a_new_graph():
+    pyro.clear_param_store()
+    elbo = JitTraceMarkovKL_ELBO(ignore_jit_warnings=True)
+    eager = TraceMarkovKL_ELBO()
+    one = torch.tensor(1.0)
+    for T in (3, 5, 3):
+        data = torch.linspace(-1.0, 1.0, T)
+        jit_losses = torch.tensor([elbo.loss(model, guide_max8, data, one) for _ in range(200)])
+        eager_losses = torch.tensor([eager.loss(model, guide_max8, data, one) for _ in range(200)])
+        se = (jit_losses.var() / 200 + eager_losses.var() / 200).sqrt()
+        assert (jit_losses.mean() - eager_losses.mean()).abs() < 5 * se, T
+    (compiled,) = elbo._compiled.values()
+    assert len(compiled.compiled) == 2  # one graph per length, the first one reused

@@ -26,8 +26,8 @@ with a gated transition and an MLP emitter, and two guides are available:
 The loss is one of ``markov-kl`` (:class:`pyro_markov_kl.TraceMarkovKL_ELBO`: the analytic KL of
 each time step wherever it is provably unbiased, Monte Carlo elsewhere), ``trace``
 (:class:`pyro.infer.Trace_ELBO`: Monte Carlo everywhere, as Pyro's example) or ``meanfield``
-(:class:`pyro.infer.TraceMeanField_ELBO`: the analytic KL at every site, which is biased unless
-the guide's dependency structure matches the model's, i.e. for the backward guide).
+(:class:`pyro.infer.TraceMeanField_ELBO`: the analytic KL at every site, which is biased when a
+model parent of a site depends on that site in the guide, as with the backward guide).
 
 Training uses KL annealing through :func:`pyro.poutine.scale`, ragged sequences are handled with
 masks built from the sequence lengths. The script prints the training loss per time slice after
