@@ -140,14 +140,16 @@ def analyse_dependencies(
     under dependency tracking.
 
     The runs are hidden from enclosing handlers, run with validation off (its
-    checks read values into Python but cannot change the result) and leave
-    the random number generator as they found it, so that analysing a step
-    changes nothing about the step.
+    checks read values into Python but cannot change the result) and without
+    autograd, and leave the random number generator as they found it, so that
+    analysing a step changes nothing about the step.
 
     :param guide_trace: a trace of ``guide`` (with its subsample sites)
     :returns: the guide's and the model's dependencies
     """
-    with torch.random.fork_rng(devices=[]), pyro.validation_enabled(False):
+    # without autograd: dependencies are found at the dispatcher, below autograd, so the
+    # result is the same, and no graph is kept alive
+    with torch.random.fork_rng(devices=[]), pyro.validation_enabled(False), torch.no_grad():
         guide_deps = _run_tracked(guide, guide_trace, args, kwargs)
         model_deps = _run_tracked(model, guide_trace, args, kwargs)
     return guide_deps, model_deps

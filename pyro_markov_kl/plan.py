@@ -37,7 +37,7 @@ from torch.distributions import Independent, TransformedDistribution
 from .batched_kl import is_stackable
 from .dependencies import ProgramDependencies, is_subsample_site
 from .kl import KLRule, compute_kl, find_kl_rule
-from .terms import has_mask, unwrap_mask
+from .terms import has_mask, site_factors
 
 KL_OPTIONS = ("auto", "mc", "analytic")
 
@@ -263,14 +263,14 @@ def find_site_kl_rule(
 
     :returns: ``(rule, reason, q, p)``
     """
-    q, _ = unwrap_mask(guide_site["fn"])
-    p, _ = unwrap_mask(model_site["fn"])
+    q, p = site_factors(model_site, guide_site)[:2]
     if has_mask(q) or has_mask(p):
         return (
             None,
-            "a .mask() varies inside the event (it cannot be folded into the site's factor), "
-            "and a KL of masked distributions is biased where the model's and the guide's "
-            "masks differ",
+            "a .mask() varies inside the event and the other side cannot be taken apart "
+            "element by element (it is not an Independent over the same dimensions), and a "
+            "KL of masked distributions is biased where the model's and the guide's masks "
+            "differ",
             q,
             p,
         )
@@ -353,9 +353,8 @@ def build_plan(
             records[name] = SiteRecord(estimator="mc", reason=why, **common)
             continue
         if is_stackable(q) and is_stackable(p):
-            groups.setdefault(
-                (rule.source, rule.description, _fn_signature(q), _fn_signature(p)), []
-            ).append(name)
+            signature = (_fn_signature(guide_site["fn"]), _fn_signature(model_site["fn"]))
+            groups.setdefault((rule.source, rule.description, signature), []).append(name)
         records[name] = SiteRecord(
             estimator="analytic",
             reason=f"no model parent depends on it in the guide; KL by {rule.description}",

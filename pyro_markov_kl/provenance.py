@@ -39,6 +39,7 @@ import functools
 import os
 import traceback
 import types
+import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -144,8 +145,9 @@ class DependencyTracker:
 
     Provenance is stored as a Python ``int`` used as a bit set over the sites
     registered with :meth:`tag` (bit ``i`` is the ``i``-th site tagged), so a
-    union is one ``|``. Every tensor and storage recorded is kept alive for the
-    tracker's lifetime, so object ids cannot be recycled while it is in use.
+    union is one ``|``. Tensors are held by weak reference (a recycled id is
+    detected by the dead reference), storages written into by strong
+    reference (few, and their ids must stay unique while the tracker is used).
 
     Use as a context manager::
 
@@ -156,7 +158,7 @@ class DependencyTracker:
 
     def __init__(self) -> None:
         self.names: List[str] = []
-        self._tensor_prov: Dict[int, Tuple[torch.Tensor, int]] = {}
+        self._tensor_prov: Dict[int, Tuple[weakref.ref, int]] = {}
         self._storage_prov: Dict[int, Tuple[Any, int]] = {}
         #: bit set of the sites whose values escaped into Python so far
         self.escaped: int = 0
@@ -176,7 +178,7 @@ class DependencyTracker:
     def provenance(self, tensor: torch.Tensor) -> int:
         """The bit set of sites ``tensor`` may depend on."""
         entry = self._tensor_prov.get(id(tensor))
-        bits = entry[1] if entry is not None and entry[0] is tensor else 0
+        bits = entry[1] if entry is not None and entry[0]() is tensor else 0
         if self._storage_prov:
             key = self._storage_key(tensor)
             if key is not None:
@@ -186,7 +188,9 @@ class DependencyTracker:
         return bits
 
     def _set(self, tensor: torch.Tensor, bits: int) -> None:
-        self._tensor_prov[id(tensor)] = (tensor, bits)
+        # a weak reference: the analysis must not keep every intermediate alive; a dead
+        # entry whose id is reused by a new tensor is recognised and ignored
+        self._tensor_prov[id(tensor)] = (weakref.ref(tensor), bits)
 
     def _taint_storage(self, tensor: torch.Tensor, bits: int) -> None:
         key = self._storage_key(tensor)

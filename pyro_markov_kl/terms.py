@@ -26,7 +26,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from pyro.distributions.torch_distribution import MaskedDistribution
-from pyro.distributions.util import scale_and_mask
+from pyro.distributions.util import scale_and_mask, sum_rightmost
 from torch.distributions import Distribution, Independent
 
 from .batched_kl import stack_distributions
@@ -67,10 +67,12 @@ def unwrap_mask(fn: Distribution) -> Tuple[Distribution, Any]:
     """
     Strip :class:`~pyro.distributions.torch_distribution.MaskedDistribution`
     wrappers (``.mask()``), including one under an ``Independent`` whose mask
-    is constant along the reinterpreted dimensions (``.mask(m).to_event(1)``
-    with ``m`` of shape ``(B, 1)``, as in Pyro's DMM), and return the bare
-    distribution with the combined mask, or ``None`` for no mask. A mask that
-    varies inside the event is left in place (see :func:`has_mask`).
+    is broadcast along the reinterpreted dimensions (size 1 or stride 0 there,
+    e.g. ``.mask(m).to_event(1)`` with a boolean ``m`` of shape ``(B, 1)``),
+    and return the bare distribution with the combined mask, or ``None`` for
+    no mask. Other masks under an ``Independent`` are left in place, for
+    :func:`site_factors` to handle element by element. The decision depends
+    only on shapes and strides, which are part of the plan's structure key.
     """
     mask = None
     while True:
@@ -82,22 +84,36 @@ def unwrap_mask(fn: Distribution) -> Tuple[Distribution, Any]:
             k = fn.reinterpreted_batch_ndims
             inner = fn.base_dist
             m = inner._mask
-            if torch.is_tensor(m):
-                if m.dim() > len(inner.batch_shape) - k:
-                    nk = min(k, m.dim())
-                    if any(
-                        m.size(d) != 1 and m.stride(d) != 0 for d in range(m.dim() - nk, m.dim())
-                    ):
-                        # materialised (e.g. a float mask made bool): compare the values
-                        first = m[(Ellipsis,) + (slice(0, 1),) * nk]
-                        if torch._C._get_tracing_state() or not bool((m == first).all()):
-                            break  # the mask varies inside the event: cannot be folded
-                    m = m[(Ellipsis,) + (0,) * nk]
+            if torch.is_tensor(m) and m.dim() > len(inner.batch_shape) - k:
+                nk = min(k, m.dim())
+                if any(m.size(d) != 1 and m.stride(d) != 0 for d in range(m.dim() - nk, m.dim())):
+                    break  # the mask may vary inside the event
+                m = m[(Ellipsis,) + (0,) * nk]
             mask = _and(mask, m)
             fn = Independent(inner.base_dist, k)
             continue
         break
     return fn, mask
+
+
+def _masked_event_dims(fn: Distribution) -> int:
+    """How many event dimensions of ``fn`` hold a ``.mask()`` that could not be folded."""
+    if isinstance(fn, Independent) and has_mask(fn.base_dist):
+        return fn.reinterpreted_batch_ndims
+    return 0
+
+
+def _strip_event_dims(fn: Distribution, k: int) -> Optional[Distribution]:
+    """``fn`` with its ``k`` rightmost event dimensions made batch dimensions, if it can be."""
+    if isinstance(fn, Independent) and fn.reinterpreted_batch_ndims >= k:
+        r = fn.reinterpreted_batch_ndims - k
+        return Independent(fn.base_dist, r) if r else fn.base_dist
+    return None
+
+
+def _pad_right(x: Any, k: int) -> Any:
+    """Give a batch-shaped factor ``k`` trailing singleton dimensions."""
+    return x.reshape(x.shape + (1,) * k) if torch.is_tensor(x) and x.dim() else x
 
 
 def has_mask(fn: Distribution) -> bool:
@@ -131,25 +147,53 @@ def site_log_prob(site: Dict[str, Any]) -> torch.Tensor:
 
 
 class SiteFactors(NamedTuple):
+    """
+    A latent site's guide and model distributions without ``.mask()``
+    wrappers, with their factors; ``event_dims`` event dimensions were made
+    batch dimensions (where a mask varies inside the event), so terms are
+    computed element by element and then summed over them.
+    """
+
     q: Distribution
     p: Distribution
     scale_q: Any
     mask_q: Any
     scale_p: Any
     mask_p: Any
+    event_dims: int = 0
 
 
 def site_factors(model_site: Dict[str, Any], guide_site: Dict[str, Any]) -> SiteFactors:
+    r"""
+    Unwrap both sides' masks into their factors. A mask that varies inside
+    an ``Independent``'s event (``.mask(m).to_event(1)`` with ``m`` of the full
+    shape) cannot be a per-site factor; then both sides are lowered to the
+    elementwise level, where it can: with
+    :math:`\mathrm{KL}(\mathrm{Indep}(q_0) \| \mathrm{Indep}(p_0)) = \sum_i
+    \mathrm{KL}(q_{0,i} \| p_{0,i})`, the term is
+    :math:`\sum_i [-f_{p,i}\,\mathrm{KL}_i - (f_{p,i} - f_{q,i})\,\mathrm{H}_i]`.
+    """
     q, mask_q = unwrap_mask(guide_site["fn"])
     p, mask_p = unwrap_mask(model_site["fn"])
-    return SiteFactors(
-        q,
-        p,
-        guide_site["scale"],
-        _and(guide_site["mask"], mask_q),
-        model_site["scale"],
-        _and(model_site["mask"], mask_p),
-    )
+    mask_q = _and(guide_site["mask"], mask_q)
+    mask_p = _and(model_site["mask"], mask_p)
+    scale_q, scale_p = guide_site["scale"], model_site["scale"]
+    k = max(_masked_event_dims(q), _masked_event_dims(p))
+    if k:
+        q0, p0 = _strip_event_dims(q, k), _strip_event_dims(p, k)
+        if q0 is not None and p0 is not None:
+            q0, mask_q0 = unwrap_mask(q0)
+            p0, mask_p0 = unwrap_mask(p0)
+            return SiteFactors(
+                q0,
+                p0,
+                _pad_right(scale_q, k),
+                _and(_pad_right(mask_q, k), mask_q0),
+                _pad_right(scale_p, k),
+                _and(_pad_right(mask_p, k), mask_p0),
+                k,
+            )
+    return SiteFactors(q, p, scale_q, mask_q, scale_p, mask_p)
 
 
 def mc_term(
@@ -174,16 +218,16 @@ def analytic_term(
     :math:`-f_p\,\mathrm{KL}(q \| p) - (f_p - f_q)\,\mathrm{H}(q)` for one site,
     not summed; see the module docstring.
     """
-    q, p, scale_q, mask_q, scale_p, mask_p = site_factors(model_site, guide_site)
+    q, p, scale_q, mask_q, scale_p, mask_p, k = site_factors(model_site, guide_site)
     if has_mask(q) or has_mask(p):
-        # this step's mask varies inside the event, so it is not a per-site factor:
+        # a mask inside the event that could not be lowered to the elementwise level:
         # a KL of the masked pair would be biased where the two masks differ
         return mc_term(model_site, guide_site)[0]
     kl = compute_kl(name, q, p, rule)
     term = -scale_and_mask(kl, scale_p, mask_p)
     same_shape = kl.shape == q.batch_shape
     if same_shape and same_factor(scale_p, mask_p, scale_q, mask_q):
-        return term
+        return sum_rightmost(term, k)
     try:
         entropy = q.entropy()
     except NotImplementedError:
@@ -191,7 +235,7 @@ def analytic_term(
     model_part = term - scale_and_mask(entropy, scale_p, mask_p)
     guide_part = scale_and_mask(entropy, scale_q, mask_q)
     if same_shape:
-        return model_part + guide_part
+        return sum_rightmost(model_part + guide_part, k)
     # p's batch shape is larger than q's: each side sums over its own shape
     return model_part.sum() + guide_part.sum()
 
@@ -234,6 +278,8 @@ def batched_analytic_term(
     """
     factors = [site_factors(model_nodes[n], guide_nodes[n]) for n in names]
     for f in factors:
+        if has_mask(f.q) or has_mask(f.p):
+            return None
         if f.p.batch_shape != f.q.batch_shape or not same_factor(
             f.scale_p, f.mask_p, f.scale_q, f.mask_q
         ):
@@ -254,7 +300,7 @@ def batched_analytic_term(
         mask = _stack_factor([f.mask_p for f in factors], kl.shape, is_mask=True)
     except _Unbatchable:
         return None
-    return -scale_and_mask(kl, scale, mask)
+    return sum_rightmost(-scale_and_mask(kl, scale, mask), factors[0].event_dims)
 
 
 def elbo_terms(plan: Any, model_trace: Any, guide_trace: Any) -> List[Term]:

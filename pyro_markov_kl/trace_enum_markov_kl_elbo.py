@@ -57,7 +57,7 @@ from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple
 
 import torch
 from pyro import poutine
-from pyro.distributions.util import scale_and_mask
+from pyro.distributions.util import scale_and_mask, sum_rightmost
 from pyro.infer.traceenum_elbo import TraceEnum_ELBO
 from pyro.ops import packed
 from pyro.poutine.enum_messenger import EnumMessenger
@@ -334,18 +334,18 @@ def enum_analytic_parts(
 
     :returns: ``(model_value, guide_value)``
     """
-    q, p, scale_q, mask_q, scale_p, mask_p = site_factors(model_site, guide_site)
+    q, p, scale_q, mask_q, scale_p, mask_p, k = site_factors(model_site, guide_site)
     kl = compute_kl(name, q, p, rule)
     if kl.shape == q.batch_shape and same_factor(scale_p, mask_p, scale_q, mask_q):
-        return -scale_and_mask(kl, scale_p, mask_p), None
+        return sum_rightmost(-scale_and_mask(kl, scale_p, mask_p), k), None
     guide_value: Any
     try:
         entropy = q.entropy()
-        guide_value = -scale_and_mask(entropy, scale_q, mask_q)
+        guide_value = sum_rightmost(-scale_and_mask(entropy, scale_q, mask_q), k)
     except NotImplementedError:
         entropy = -q.log_prob(guide_site["value"])
         guide_value = _KEEP
-    return -scale_and_mask(kl + entropy, scale_p, mask_p), guide_value
+    return sum_rightmost(-scale_and_mask(kl + entropy, scale_p, mask_p), k), guide_value
 
 
 def _pack_like(value: torch.Tensor, site: Dict[str, Any], name: str) -> torch.Tensor:
