@@ -126,6 +126,7 @@ def has_mask(fn: Distribution) -> bool:
 
 
 def same_factor(scale_p: Any, mask_p: Any, scale_q: Any, mask_q: Any) -> bool:
+    """Whether the model's and the guide's factors are certainly equal (cheap checks only)."""
     if torch.is_tensor(scale_p) or torch.is_tensor(scale_q):
         if scale_p is not scale_q:
             return False
