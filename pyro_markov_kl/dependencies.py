@@ -141,15 +141,20 @@ def analyse_dependencies(
 
     The runs are hidden from enclosing handlers, run with validation off (its
     checks read values into Python but cannot change the result) and without
-    autograd, and leave the random number generator as they found it, so that
-    analysing a step changes nothing about the step.
+    autograd, outside any JIT trace, and leave the random number generator as
+    they found it, so that analysing a step changes nothing about the step.
 
     :param guide_trace: a trace of ``guide`` (with its subsample sites)
     :returns: the guide's and the model's dependencies
     """
     # without autograd: dependencies are found at the dispatcher, below autograd, so the
     # result is the same, and no graph is kept alive
-    with torch.random.fork_rng(devices=[]), pyro.validation_enabled(False), torch.no_grad():
-        guide_deps = _run_tracked(guide, guide_trace, args, kwargs)
-        model_deps = _run_tracked(model, guide_trace, args, kwargs)
+    tracing_state = torch._C._get_tracing_state()
+    torch._C._set_tracing_state(None)  # the analysis is never part of a JIT-compiled graph
+    try:
+        with torch.random.fork_rng(devices=[]), pyro.validation_enabled(False), torch.no_grad():
+            guide_deps = _run_tracked(guide, guide_trace, args, kwargs)
+            model_deps = _run_tracked(model, guide_trace, args, kwargs)
+    finally:
+        torch._C._set_tracing_state(tracing_state)
     return guide_deps, model_deps

@@ -51,7 +51,6 @@ which no KL of :math:`q_s` replaces: it keeps the Monte Carlo term.
 from __future__ import annotations
 
 import functools
-from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple
 
@@ -77,6 +76,7 @@ from .plan import (
     sample_sites,
     structure_key,
 )
+from .plan_cache import PlanCache
 from .terms import same_factor, site_factors
 
 __all__ = ["EnumPlan", "TraceEnumMarkovKL_ELBO", "build_enum_plan", "enum_analytic_parts"]
@@ -444,39 +444,14 @@ class TraceEnumMarkovKL_ELBO(TraceEnum_ELBO):
 
     def __init__(
         self,
-        num_particles: int = 1,
-        max_plate_nesting: float = float("inf"),
-        max_iarange_nesting: Optional[int] = None,
-        vectorize_particles: bool = False,
-        strict_enumeration_warning: bool = True,
-        ignore_jit_warnings: bool = False,
-        jit_options: Optional[dict] = None,
-        retain_graph: Optional[bool] = None,
-        tail_adaptive_beta: float = -1.0,
-        *,
+        *args: Any,
         kl_rules: Optional[Mapping[Tuple[type, type], Callable]] = None,
         plan_cache_size: int = 256,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            num_particles=num_particles,
-            max_plate_nesting=max_plate_nesting,
-            max_iarange_nesting=max_iarange_nesting,
-            vectorize_particles=vectorize_particles,
-            strict_enumeration_warning=strict_enumeration_warning,
-            ignore_jit_warnings=ignore_jit_warnings,
-            jit_options=jit_options,
-            retain_graph=retain_graph,
-            tail_adaptive_beta=tail_adaptive_beta,
-        )
+        super().__init__(*args, **kwargs)
         self.kl_rules = dict(kl_rules or {})
-        self.plan_cache_size = plan_cache_size
-        self._plans: OrderedDict[Any, EnumPlan] = OrderedDict()
-
-    def __getstate__(self) -> dict:
-        # plans hold rules and callables that need not pickle; they are rebuilt on demand
-        state = self.__dict__.copy()
-        state["_plans"] = OrderedDict()
-        return state
+        self._plans = PlanCache(plan_cache_size)
 
     def _get_traces_and_plans(
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict
@@ -501,10 +476,19 @@ class TraceEnumMarkovKL_ELBO(TraceEnum_ELBO):
     ) -> EnumPlan:
         owner = (model, guide, self.vectorize_particles, self.num_particles, self.max_plate_nesting)
         key = StructureKey((owner, registry_version(), structure_key(model_trace, guide_trace)))
-        plan = self._plans.get(key)
-        if plan is not None:
-            self._plans.move_to_end(key)
-            return plan
+        return self._plans.get_or_build(
+            key, lambda: self._build_plan(model, guide, args, kwargs, model_trace, guide_trace)
+        )
+
+    def _build_plan(
+        self,
+        model: Callable,
+        guide: Callable,
+        args: tuple,
+        kwargs: dict,
+        model_trace: Trace,
+        guide_trace: Trace,
+    ) -> EnumPlan:
         if self.vectorize_particles:
             model = self._vectorized_num_particles(model)
             guide = self._vectorized_num_particles(guide)
@@ -516,18 +500,8 @@ class TraceEnumMarkovKL_ELBO(TraceEnum_ELBO):
         for name, site in guide_trace.nodes.items():
             if site["type"] == "sample":
                 replay_trace.add_node(name, **dict(site, infer=dict(site["infer"])))
-        tracing_state = torch._C._get_tracing_state()
-        torch._C._set_tracing_state(None)
-        try:
-            guide_deps, model_deps = analyse_dependencies(model, guide, replay_trace, args, kwargs)
-        finally:
-            torch._C._set_tracing_state(tracing_state)
-        plan = build_enum_plan(model_trace, guide_trace, guide_deps, model_deps, self.kl_rules)
-        if self.plan_cache_size > 0:
-            self._plans[key] = plan
-            while len(self._plans) > self.plan_cache_size:
-                self._plans.popitem(last=False)
-        return plan
+        guide_deps, model_deps = analyse_dependencies(model, guide, replay_trace, args, kwargs)
+        return build_enum_plan(model_trace, guide_trace, guide_deps, model_deps, self.kl_rules)
 
     def explain(self, model: Callable, guide: Callable, *args, **kwargs) -> EnumPlan:
         """

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import weakref
-from collections import OrderedDict
 from typing import Any, Callable, Iterator, Mapping, Optional, Tuple
 
 import pyro.ops.jit
@@ -19,6 +18,7 @@ from pyro.util import check_if_enumerated, check_model_guide_match, warn_if_nan
 
 from .dependencies import analyse_dependencies
 from .plan import Plan, StructureKey, build_plan, check_model_guide_sites, structure_key
+from .plan_cache import PlanCache
 from .score_function import score_function_terms
 from .terms import elbo_terms, sum_terms
 
@@ -107,14 +107,11 @@ class TraceMarkovKL_ELBO(ELBO):
             tail_adaptive_beta=tail_adaptive_beta,
         )
         self.kl_rules = dict(kl_rules or {})
-        self.plan_cache_size = plan_cache_size
-        self._plans: OrderedDict[Any, Plan] = OrderedDict()
+        self._plans = PlanCache(plan_cache_size)
 
     def __getstate__(self) -> dict:
-        # plans hold rules and callables that need not pickle; they are rebuilt on demand
         state = self.__dict__.copy()
-        state["_plans"] = OrderedDict()
-        state.pop("_compiled", None)
+        state.pop("_compiled", None)  # compiled graphs are rebuilt on demand
         return state
 
     # --- traces ---------------------------------------------------------------
@@ -173,39 +170,37 @@ class TraceMarkovKL_ELBO(ELBO):
         from .kl import registry_version
 
         key = StructureKey((owner, registry_version(), structure_key(model_trace, guide_trace)))
-        plan = self._plans.get(key)
-        if plan is not None:
-            self._plans.move_to_end(key)
-            return plan
-        tracing_state = torch._C._get_tracing_state()
-        torch._C._set_tracing_state(None)  # the analysis is not part of a compiled graph
-        try:
-            guide_deps, model_deps = analyse_dependencies(model, guide, guide_trace, args, kwargs)
-        finally:
-            torch._C._set_tracing_state(tracing_state)
+        return self._plans.get_or_build(
+            key, lambda: self._build_plan(model, guide, args, kwargs, model_trace, guide_trace)
+        )
+
+    def _build_plan(
+        self,
+        model: Callable,
+        guide: Callable,
+        args: tuple,
+        kwargs: dict,
+        model_trace: Trace,
+        guide_trace: Trace,
+    ) -> Plan:
+        guide_deps, model_deps = analyse_dependencies(model, guide, guide_trace, args, kwargs)
         if self.vectorize_particles:
             for deps in (guide_deps, model_deps):
                 for names, where in deps.escapes:
                     raise ValueError(
                         f"site {', '.join(repr(n) for n in names)}: vectorize_particles=True "
-                        "needs a model and "
-                        "guide whose structure does not depend on sampled values, but the value "
-                        f"reached Python (.item(), bool(), .tolist(), ...) at {where}. Use "
-                        "vectorize_particles=False, or keep sampled values out of Python control "
-                        "flow (torch.where instead of if)"
+                        "needs a model and guide whose structure does not depend on sampled "
+                        f"values, but the value reached Python (.item(), bool(), .tolist(), "
+                        f"...) at {where}. Use vectorize_particles=False, or keep sampled values "
+                        "out of Python control flow (torch.where instead of if)"
                     )
-        plan = build_plan(
+        return build_plan(
             prune_subsample_sites(model_trace),
             prune_subsample_sites(guide_trace),
             guide_deps,
             model_deps,
             self.kl_rules,
         )
-        if self.plan_cache_size > 0:
-            self._plans[key] = plan
-            while len(self._plans) > self.plan_cache_size:
-                self._plans.popitem(last=False)
-        return plan
 
     def explain(self, model: Callable, guide: Callable, *args, **kwargs) -> Plan:
         """

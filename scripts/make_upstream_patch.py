@@ -65,6 +65,7 @@ MODULES = (
     "kl_funsor",
     "terms",
     "plan",
+    "plan_cache",
     "score_function",
 )
 #: The ELBO module, copied to ``pyro/infer/trace_markov_kl_elbo.py`` (Pyro keeps every

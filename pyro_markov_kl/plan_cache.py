@@ -1,0 +1,41 @@
+# SPDX-FileCopyrightText: 2026 pyro-markov-kl developers
+# SPDX-License-Identifier: Apache-2.0
+
+"""The per-ELBO cache of estimator plans, one per model/guide structure."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Callable
+
+
+class PlanCache(OrderedDict):
+    """
+    A least-recently-used mapping from structure keys to plans, holding at most
+    ``maxsize`` plans (``0``: none, every step is analysed). It belongs to one
+    ELBO instance, so each process of a distributed run has its own. It is not
+    pickled with the ELBO: plans hold KL rules that need not pickle, and are
+    rebuilt on demand.
+
+    :param int maxsize: the most plans kept
+    """
+
+    def __init__(self, maxsize: int = 256) -> None:
+        super().__init__()
+        self.maxsize = maxsize
+
+    def get_or_build(self, key: Any, build: Callable[[], Any]) -> Any:
+        """The plan for ``key``, built by ``build()`` (and kept) if there is none."""
+        plan = self.get(key)
+        if plan is not None:
+            self.move_to_end(key)
+            return plan
+        plan = build()
+        if self.maxsize > 0:
+            self[key] = plan
+            while len(self) > self.maxsize:
+                self.popitem(last=False)
+        return plan
+
+    def __reduce__(self) -> tuple:
+        return (type(self), (self.maxsize,))
