@@ -8,6 +8,11 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any, Callable
 
+from pyro.poutine.trace_struct import Trace
+
+from .kl import registry_version
+from .plan import StructureKey, structure_key
+
 
 class PlanCache(OrderedDict):
     """
@@ -24,8 +29,16 @@ class PlanCache(OrderedDict):
         super().__init__()
         self.maxsize = maxsize
 
-    def get_or_build(self, key: Any, build: Callable[[], Any]) -> Any:
-        """The plan for ``key``, built by ``build()`` (and kept) if there is none."""
+    def get_or_build(
+        self, owner: Any, model_trace: Trace, guide_trace: Trace, build: Callable[[], Any]
+    ) -> Any:
+        """
+        The plan for the structure of ``model_trace`` and ``guide_trace`` under
+        ``owner`` (the model/guide pair and the options that change traces),
+        built by ``build()`` (and kept) if there is none. The key also holds
+        the KL registries' version, so a new registration is seen.
+        """
+        key = StructureKey((owner, registry_version(), structure_key(model_trace, guide_trace)))
         plan = self.get(key)
         if plan is not None:
             self.move_to_end(key)

@@ -63,18 +63,16 @@ from pyro.poutine.enum_messenger import EnumMessenger
 from pyro.poutine.trace_struct import Trace
 
 from .dependencies import ProgramDependencies, analyse_dependencies
-from .kl import KLRule, compute_kl, registry_version
+from .kl import KLRule, compute_kl
 from .plan import (
     Plan,
     SiteRecord,
-    StructureKey,
     bias_reason,
     check_model_guide_sites,
     find_site_kl_rule,
     is_reparameterized,
     kl_option,
     sample_sites,
-    structure_key,
 )
 from .plan_cache import PlanCache
 from .terms import same_factor, site_factors
@@ -457,28 +455,27 @@ class TraceEnumMarkovKL_ELBO(TraceEnum_ELBO):
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict
     ) -> Iterator[Tuple[Trace, Trace, EnumPlan]]:
         for model_trace, guide_trace in super()._get_traces(model, guide, args, kwargs):
-            plan = self._get_plan(model, guide, args, kwargs, model_trace, guide_trace)
+            owner = (
+                model,
+                guide,
+                self.vectorize_particles,
+                self.num_particles,
+                self.max_plate_nesting,
+            )
+            plan = self._plans.get_or_build(
+                owner,
+                model_trace,
+                guide_trace,
+                functools.partial(
+                    self._build_plan, model, guide, args, kwargs, model_trace, guide_trace
+                ),
+            )
             apply_plan(plan, model_trace, guide_trace)
             yield model_trace, guide_trace, plan
 
     def _get_traces(self, model, guide, args, kwargs):
         for model_trace, guide_trace, _ in self._get_traces_and_plans(model, guide, args, kwargs):
             yield model_trace, guide_trace
-
-    def _get_plan(
-        self,
-        model: Callable,
-        guide: Callable,
-        args: tuple,
-        kwargs: dict,
-        model_trace: Trace,
-        guide_trace: Trace,
-    ) -> EnumPlan:
-        owner = (model, guide, self.vectorize_particles, self.num_particles, self.max_plate_nesting)
-        key = StructureKey((owner, registry_version(), structure_key(model_trace, guide_trace)))
-        return self._plans.get_or_build(
-            key, lambda: self._build_plan(model, guide, args, kwargs, model_trace, guide_trace)
-        )
 
     def _build_plan(
         self,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Any, Callable, Iterator, Mapping, Optional, Tuple
 
@@ -17,7 +18,7 @@ from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_if_enumerated, check_model_guide_match, warn_if_nan
 
 from .dependencies import analyse_dependencies
-from .plan import Plan, StructureKey, build_plan, check_model_guide_sites, structure_key
+from .plan import Plan, build_plan, check_model_guide_sites
 from .plan_cache import PlanCache
 from .score_function import score_function_terms
 from .terms import elbo_terms, sum_terms
@@ -153,27 +154,17 @@ class TraceMarkovKL_ELBO(ELBO):
             num_traces = self.num_particles
         for _ in range(num_traces):
             model_trace, guide_trace = self._get_unpruned_trace(model, guide, args, kwargs)
-            plan = self._get_plan(owner, model, guide, args, kwargs, model_trace, guide_trace)
+            plan = self._plans.get_or_build(
+                owner,
+                model_trace,
+                guide_trace,
+                functools.partial(
+                    self._build_plan, model, guide, args, kwargs, model_trace, guide_trace
+                ),
+            )
             yield prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace), plan
 
     # --- plans --------------------------------------------------------------------
-    def _get_plan(
-        self,
-        owner: tuple,
-        model: Callable,
-        guide: Callable,
-        args: tuple,
-        kwargs: dict,
-        model_trace: Trace,
-        guide_trace: Trace,
-    ) -> Plan:
-        from .kl import registry_version
-
-        key = StructureKey((owner, registry_version(), structure_key(model_trace, guide_trace)))
-        return self._plans.get_or_build(
-            key, lambda: self._build_plan(model, guide, args, kwargs, model_trace, guide_trace)
-        )
-
     def _build_plan(
         self,
         model: Callable,

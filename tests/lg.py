@@ -185,13 +185,18 @@ def init_params(spec: LGSpec) -> Dict[str, torch.Tensor]:
     return out
 
 
-def reset_param_store(spec: LGSpec) -> Dict[str, torch.Tensor]:
-    """Clear the param store, register the initial guide params, return the leaf tensors."""
+def register_params(initial: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Clear the param store, register ``initial`` as params, return the leaf tensors."""
     pyro.clear_param_store()
-    for name, value in init_params(spec).items():
+    for name, value in initial.items():
         pyro.param(name, value.clone())
     store = dict(pyro.get_param_store().named_parameters())
-    return {name: store[name] for name in init_params(spec)}
+    return {name: store[name] for name in initial}
+
+
+def reset_param_store(spec: LGSpec) -> Dict[str, torch.Tensor]:
+    """Clear the param store, register the initial guide params, return the leaf tensors."""
+    return register_params(init_params(spec))
 
 
 # ---------------------------------------------------------------------------------------
@@ -401,7 +406,8 @@ def exact_loss_and_grad(spec: LGSpec) -> Tuple[float, Dict[str, float]]:
 
 
 def guide_descendants(spec: LGSpec) -> Dict[str, frozenset]:
-    """Transitive guide children of each latent."""
+    """Transitive guide children of each latent (any spec whose ``guide`` nodes, in guide
+    order, have ``name`` and ``parents``)."""
     children: Dict[str, set] = {site.name: set() for site in spec.guide}
     for site in spec.guide:
         for parent in site.parents:

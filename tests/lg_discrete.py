@@ -172,11 +172,7 @@ def init_params(spec: MixedSpec) -> Dict[str, torch.Tensor]:
 
 def reset_param_store(spec: MixedSpec) -> Dict[str, torch.Tensor]:
     """Clear the param store, register the initial guide params, return the leaf tensors."""
-    pyro.clear_param_store()
-    for name, value in init_params(spec).items():
-        pyro.param(name, value.clone())
-    store = dict(pyro.get_param_store().named_parameters())
-    return {name: store[name] for name in init_params(spec)}
+    return lg.register_params(init_params(spec))
 
 
 # ---------------------------------------------------------------------------------------
@@ -424,25 +420,9 @@ def check_unbiased(rows: torch.Tensor, spec: MixedSpec, n_se: float = 5.0) -> Li
 # structure
 
 
-def guide_descendants(spec: MixedSpec) -> Dict[str, frozenset]:
-    """Transitive guide children of each latent."""
-    children: Dict[str, set] = {node.name: set() for node in spec.guide}
-    for node in spec.guide:
-        for parent in node.parents:
-            children[parent].add(node.name)
-    out: Dict[str, frozenset] = {}
-    for node in reversed(spec.guide):
-        desc = set(children[node.name])
-        for child in children[node.name]:
-            desc |= out[child]
-        out[node.name] = frozenset(desc)
-    return out
-
-
-def analytic_expected(spec: MixedSpec) -> set:
-    """Latents whose model parents contain none of their guide descendants."""
-    desc = guide_descendants(spec)
-    return {n.name for n in spec.model if not (set(n.parents) & desc[n.name])}
+# the structural helpers of the Gaussian reference work on any spec with name/parents nodes
+guide_descendants = lg.guide_descendants
+analytic_expected = lg.analytic_expected
 
 
 def check_plan(plan, spec: MixedSpec, enumerated: bool = False) -> List[str]:
