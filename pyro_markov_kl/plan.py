@@ -26,11 +26,14 @@ plan uses Monte Carlo there.
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 from pyro.distributions.torch_distribution import MaskedDistribution
+from pyro.poutine.indep_messenger import CondIndepStackFrame
 from pyro.poutine.trace_struct import Trace
 from torch.distributions import Independent, TransformedDistribution
 
@@ -61,6 +64,12 @@ class SiteRecord:
     :ivar downstream: for a non-reparameterised site, the ELBO terms (site
         names) whose value depends on its sample: the cost its score-function
         term is weighted by
+    :ivar downstream_summed: for each downstream term, the plates of both
+        the site and the term over which the term is summed in each element's
+        cost, because it depends on the site across them (usually none)
+    :ivar baseline: for a non-reparameterised site, which baseline its cost
+        gets, and why (see :func:`~pyro_markov_kl.score_function.leave_one_out_baseline`)
+    :ivar baseline_frames: the plates of its leave-one-out baseline, if it gets one
     """
 
     name: str
@@ -73,6 +82,9 @@ class SiteRecord:
     override: str = "auto"
     reparameterized: bool = True
     downstream: Tuple[str, ...] = ()
+    downstream_summed: Tuple[frozenset, ...] = ()
+    baseline: str = ""
+    baseline_frames: Tuple[CondIndepStackFrame, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -132,9 +144,13 @@ class Plan:
         ]
         lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * 6)
         for name in self.score_function_sites():
-            lines.append(
-                f"score function at {name}: cost = {' + '.join(self.sites[name].downstream)}"
-            )
+            rec = self.sites[name]
+            terms = []
+            for term, summed in zip(rec.downstream, rec.downstream_summed):
+                plates = ", ".join(sorted(f"'{f.name}'" for f in summed))
+                terms.append(term + (f" (summed over plate {plates})" if summed else ""))
+            line = f"score function at {name}: cost = {' + '.join(terms) or '0'}"
+            lines.append(line + (f"; baseline: {rec.baseline}" if rec.baseline else ""))
         n_an = len(self.analytic_sites())
         lines.append(
             f"{n_an} analytic, {len(self.sites) - n_an} Monte Carlo, "
@@ -290,6 +306,7 @@ def build_plan(
     guide_deps: ProgramDependencies,
     model_deps: ProgramDependencies,
     kl_rules: Optional[Mapping[Tuple[type, type], Any]] = None,
+    leave_one_out: bool = True,
 ) -> Plan:
     """
     Decide the estimator of every site.
@@ -299,6 +316,8 @@ def build_plan(
     :param guide_deps: the guide's dependency graph
     :param model_deps: the model's dependency graph
     :param kl_rules: KL rules scoped to one ELBO instance
+    :param leave_one_out: whether score-function sites without a baseline of
+        their own get the leave-one-out baseline where it is unbiased
     :raises ValueError: for ``infer={"kl": "analytic"}`` where the KL is
         unavailable or would be biased, and for inconsistent model/guide pairs
     """
@@ -373,7 +392,10 @@ def build_plan(
                 guide_descendants=descendants[name],
                 reparameterized=is_reparameterized(guide_site),
             )
-    records = _add_downstream_costs(records, observed, model_deps, latents)
+
+    plates = site_plates(model_sites, guide_sites)
+    records = add_downstream_costs(records, observed, model_deps, latents, plates, guide_deps.order)
+    records = _add_baselines(records, guide_sites, plates, leave_one_out)
     return Plan(
         sites=records,
         observed=tuple(observed),
@@ -383,11 +405,13 @@ def build_plan(
     )
 
 
-def _add_downstream_costs(
+def add_downstream_costs(
     records: Dict[str, SiteRecord],
     observed: list,
     model_deps: ProgramDependencies,
     latents: frozenset,
+    plates: Callable[[str], frozenset],
+    guide_order: Tuple[str, ...],
 ) -> Dict[str, SiteRecord]:
     r"""
     For every non-reparameterised guide site :math:`k`, the ELBO terms whose
@@ -397,6 +421,16 @@ def _add_downstream_costs(
     :math:`z_k` if one of those is :math:`k` or a guide descendant of
     :math:`k`. Terms not downstream are left out of the cost
     (Rao-Blackwellisation, as in :class:`~pyro.infer.tracegraph_elbo.TraceGraph_ELBO`).
+
+    Element :math:`i` of the cost gets element :math:`i` of a term along the
+    plates of :math:`k` that every dependency path from :math:`k` to the term
+    stays in, and the term summed over the others: a path through a site
+    outside a plate (a global variable the guide samples from the plate's
+    elements, say) makes every element of the term depend on every element
+    of :math:`z_k`, and :class:`~pyro.infer.tracegraph_elbo.TraceGraph_ELBO`,
+    which keeps element :math:`i` only, is biased there. Within a plate,
+    computations are taken to be element by element, as Pyro's plates
+    declare.
     """
     if all(r.reparameterized for r in records.values()):
         return records
@@ -409,9 +443,96 @@ def _add_downstream_costs(
         if rec.reparameterized:
             continue
         affected = rec.guide_descendants | {name}
-        downstream = tuple(t for t, inputs in term_inputs.items() if inputs & affected)
-        result[name] = replace(rec, downstream=downstream)
+        # plates along which each affected site depends on z_k element by element
+        kept = {name: plates(name)}
+        for s in guide_order:
+            if s in affected and s not in kept and s in records:
+                parents = [kept[p] for p in records[s].guide_parents if p in kept]
+                kept[s] = plates(s).intersection(*parents)
+        downstream, summed = [], []
+        for term, inputs in term_inputs.items():
+            hit = inputs & affected
+            if hit:
+                downstream.append(term)
+                along = plates(term).intersection(*(kept.get(p, frozenset()) for p in hit))
+                summed.append((kept[name] - along) & plates(term))
+        result[name] = replace(rec, downstream=tuple(downstream), downstream_summed=tuple(summed))
     return result
+
+
+def _add_baselines(
+    records: Dict[str, SiteRecord],
+    guide_sites: Mapping[str, Mapping],
+    plates: Callable[[str], frozenset],
+    leave_one_out: bool,
+) -> Dict[str, SiteRecord]:
+    r"""
+    Choose the baseline of every score-function site :math:`k`: its own
+    ``infer={"baseline": ...}`` if it has one, else the leave-one-out baseline
+    over the plates of :math:`k` (of two or more elements) along which every
+    downstream term depends on :math:`z_k` element by element (each element's
+    cost then comes from that element's samples alone, which the plate
+    declares conditionally independent of the other elements'), else none.
+    """
+    result = dict(records)
+    for name, rec in records.items():
+        if rec.reparameterized or not rec.downstream:
+            continue
+        if guide_sites[name]["infer"].get("baseline"):
+            result[name] = replace(rec, baseline="infer={'baseline': ...}, as TraceGraph_ELBO")
+            continue
+        if not leave_one_out:
+            continue
+        frames, why = [], []
+        for f in sorted(plates(name), key=lambda f: f.dim):
+            if f.size < 2:
+                continue
+            outside = next(
+                (
+                    t
+                    for t, summed in zip(rec.downstream, rec.downstream_summed)
+                    if f in summed or f not in plates(t)
+                ),
+                None,
+            )
+            if outside is None:
+                frames.append(f)
+            else:
+                why.append(f"term {outside} depends on {name} outside plate '{f.name}'")
+        if frames:
+            names = " x ".join(f"'{f.name}'" for f in frames)
+            size = math.prod(f.size for f in frames)
+            text = f"leave-one-out over plate {names} ({size} elements)"
+        else:
+            text = "none: " + ("; ".join(why) if why else "no plate of two or more elements")
+        result[name] = replace(rec, baseline=text, baseline_frames=tuple(frames))
+    return result
+
+
+def site_plates(
+    model_sites: Mapping[str, Mapping], guide_sites: Mapping[str, Mapping]
+) -> Callable[[str], frozenset]:
+    """
+    A cached function: site name -> the vectorised plates that the site fills
+    with their full (subsample) size in the model and in the guide.
+    """
+
+    @functools.cache
+    def plates(name: str) -> frozenset:
+        sites = [s[name] for s in (model_sites, guide_sites) if name in s]
+        return frozenset.intersection(*(_full_plates(site) for site in sites))
+
+    return plates
+
+
+def _full_plates(site: Mapping) -> frozenset:
+    """The vectorised plates a site's batch shape fills with their full (subsample) size."""
+    shape = site["fn"].batch_shape
+    return frozenset(
+        f
+        for f in site["cond_indep_stack"]
+        if f.vectorized and len(shape) >= -f.dim and shape[f.dim] == f.size
+    )
 
 
 def _fn_signature(fn: Any) -> tuple:
@@ -496,6 +617,7 @@ def structure_key(model_trace: Trace, guide_trace: Trace) -> StructureKey:
                     infer.get("kl"),
                     infer.get("is_auxiliary"),
                     infer.get("enumerate"),
+                    bool(infer.get("baseline")),
                     _factor_signature(site["scale"]),
                     _factor_signature(site["mask"]),
                 )

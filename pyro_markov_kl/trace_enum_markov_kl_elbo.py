@@ -67,12 +67,14 @@ from .kl import KLRule, compute_kl
 from .plan import (
     Plan,
     SiteRecord,
+    add_downstream_costs,
     bias_reason,
     check_model_guide_sites,
     find_site_kl_rule,
     is_reparameterized,
     kl_option,
     sample_sites,
+    site_plates,
 )
 from .plan_cache import PlanCache
 from .terms import same_factor, site_factors
@@ -293,6 +295,9 @@ def build_enum_plan(
                 reparameterized=is_reparameterized(guide_site),
             )
 
+    _check_plate_coupling(
+        records, guide_enumerated, observed, model_sites, guide_sites, model_deps, guide_deps.order
+    )
     # DiCE weights every cost at the same or a nested plate ordinal
     ordinals = {n: _ordinal(s) for n, s in model_sites.items() if n not in enumerated}
     ordinals.update((n, _ordinal(s)) for n, s in guide_sites.items() if n not in model_sites)
@@ -310,6 +315,41 @@ def build_enum_plan(
         model_enumerated=tuple(enumerated),
         guide_enumerated=guide_enumerated,
     )
+
+
+def _check_plate_coupling(
+    records: Dict[str, SiteRecord],
+    guide_enumerated: Tuple[str, ...],
+    observed: list,
+    model_sites: Dict[str, Any],
+    guide_sites: Dict[str, Any],
+    model_deps: ProgramDependencies,
+    guide_order: Tuple[str, ...],
+) -> None:
+    """
+    :raises NotImplementedError: naming the site, where a sampled
+        non-reparameterised guide site reaches a cost term in one of its plates
+        through a site outside that plate: element :math:`j` of the term then
+        depends on element :math:`i` of the site, which DiCE, weighting element
+        :math:`j` by element :math:`j`'s factor only, leaves out (biased).
+    """
+    if all(r.reparameterized or n in guide_enumerated for n, r in records.items()):
+        return
+    latents = frozenset(guide_sites)
+    plates = site_plates(model_sites, guide_sites)
+    costs = add_downstream_costs(records, observed, model_deps, latents, plates, guide_order)
+    for name, rec in costs.items():
+        if rec.reparameterized or name in guide_enumerated:
+            continue
+        for term, summed in zip(rec.downstream, rec.downstream_summed):
+            if summed:
+                plate = sorted(f.name for f in summed)[0]
+                raise NotImplementedError(
+                    f"site '{name}': the cost term {term} depends on it across plate "
+                    f"'{plate}' (through a site outside the plate), which TraceEnum_ELBO's DiCE "
+                    "estimator of non-reparameterised sites leaves out, biasing the gradient; "
+                    "use pyro_markov_kl.TraceMarkovKL_ELBO, which sums such terms over the plate"
+                )
 
 
 # --- the substitution ---------------------------------------------------------------------------

@@ -65,6 +65,12 @@ class TraceMarkovKL_ELBO(ELBO):
         :func:`pyro_markov_kl.register_kl` and torch's.
     :param int plan_cache_size: how many plans (one per structure) to keep;
         ``0`` analyses every step.
+    :param bool leave_one_out_baseline: give every non-reparameterised site
+        without an ``infer={"baseline": ...}`` of its own the leave-one-out
+        baseline (the mean cost of the other elements of its plates, including
+        the particles of ``vectorize_particles=True``) wherever that is
+        unbiased; see :func:`~pyro_markov_kl.score_function.leave_one_out_baseline`.
+        ``False`` gives TraceGraph_ELBO's default: no baseline.
 
     .. note:: The plan is reused for traces of equal structure, so the
         dependency structure must be a function of the trace structure: Python
@@ -95,6 +101,7 @@ class TraceMarkovKL_ELBO(ELBO):
         *,
         kl_rules: Optional[Mapping[Tuple[type, type], Callable]] = None,
         plan_cache_size: int = 256,
+        leave_one_out_baseline: bool = True,
     ) -> None:
         super().__init__(
             num_particles=num_particles,
@@ -108,6 +115,7 @@ class TraceMarkovKL_ELBO(ELBO):
             tail_adaptive_beta=tail_adaptive_beta,
         )
         self.kl_rules = dict(kl_rules or {})
+        self.leave_one_out_baseline = leave_one_out_baseline
         self._plans = PlanCache(plan_cache_size)
 
     def __getstate__(self) -> dict:
@@ -191,6 +199,7 @@ class TraceMarkovKL_ELBO(ELBO):
             guide_deps,
             model_deps,
             self.kl_rules,
+            self.leave_one_out_baseline,
         )
 
     def explain(self, model: Callable, guide: Callable, *args, **kwargs) -> Plan:

@@ -378,7 +378,12 @@ def _error_cases() -> Dict[str, Callable[[], None]]:
     import torch
     from pyro.infer.autoguide import AutoNormalMessenger
 
-    from pyro_markov_kl import TraceMarkovKL_ELBO, isolated_kl_registry, register_kl
+    from pyro_markov_kl import (
+        TraceEnumMarkovKL_ELBO,
+        TraceMarkovKL_ELBO,
+        isolated_kl_registry,
+        register_kl,
+    )
     from pyro_markov_kl.kl import kl_divergence
 
     MyNormal = _distributions()
@@ -536,6 +541,22 @@ def _error_cases() -> Dict[str, Callable[[], None]]:
     def no_kl_for_pair():
         kl_divergence(dist.LogNormal(0.0, 1.0), dist.Gamma(2.0, 1.0))
 
+    def enum_plate_coupling():
+        data = torch.tensor([0.3, -1.2, 2.0])
+
+        def model():
+            g = pyro.sample("g", dist.Normal(torch.zeros(1), 1.0))
+            with pyro.plate("n", 3):
+                k = pyro.sample("k", dist.Bernoulli(0.4))
+                pyro.sample("x", dist.Normal(g + k, 0.5), obs=data)
+
+        def guide():
+            with pyro.plate("n", 3):
+                k = pyro.sample("k", dist.Bernoulli(0.5))
+            pyro.sample("g", dist.Normal(k.sum(-1, keepdim=True), 1.0))
+
+        TraceEnumMarkovKL_ELBO(max_plate_nesting=1).loss(model, guide)
+
     return {
         "latent_missing_from_guide": latent_missing_from_guide,
         "guide_site_missing_from_model": guide_site_missing_from_model,
@@ -555,6 +576,7 @@ def _error_cases() -> Dict[str, Callable[[], None]]:
         "register_kl_not_a_type": register_kl_not_a_type,
         "kl_rules_bad_key": kl_rules_bad_key,
         "no_kl_for_pair": no_kl_for_pair,
+        "enum_plate_coupling": enum_plate_coupling,
     }
 
 
@@ -597,7 +619,8 @@ def _fallback_cases() -> Dict[str, Callable[[], str]]:
 
         def guide():
             with pyro.plate("b", 2):
-                pyro.sample("z", dist.Normal(torch.ones(2, 3), 0.5).to_event(1))
+                cov = 0.25 * torch.eye(3)
+                pyro.sample("z", dist.MultivariateNormal(torch.ones(2, 3), cov))
 
         return explain(model, guide, max_plate_nesting=1)
 
