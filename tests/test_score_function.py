@@ -133,24 +133,45 @@ def test_matches_tracegraph_with_plates_and_masks():
 
 
 def test_switching_model_gradient_variance_below_tracegraph():
+    """Per guide parameter tensor, the gradient variance is at most TraceGraph_ELBO's, and in
+    total below half of it (the issue's benchmark target). With the analytic KLs alone (no
+    baseline) the total is below TraceGraph_ELBO's too, but not every tensor's: the regime
+    network's ratio is about 1 (measured 0.98-1.02 at two initialisations; the KL terms in the
+    cost are less noisy, but the Monte Carlo terms' noise is partly anticorrelated with the rest
+    of the cost). Paired draws: draw d of every estimator follows the same seed, so all see the
+    same guide samples."""
     pyro.clear_param_store()
     pyro.set_rng_seed(2)
     x = simulate(num_sequences=8, T=6, seed=3)["x"]
     ssm = SwitchingSSM()
-    guide_params = [p for n, p in ssm.named_parameters() if n.startswith(("regime", "state"))]
+    named = [(n, p) for n, p in ssm.named_parameters() if n.startswith(("regime", "state"))]
     kw = dict(num_particles=8, vectorize_particles=True, max_plate_nesting=1)
-    variances = {}
-    for name, elbo in (("ours", TraceMarkovKL_ELBO(**kw)), ("tracegraph", TraceGraph_ELBO(**kw))):
-        grads = []
-        for _ in range(60):
-            for p in guide_params:
+    elbos = {
+        "ours": TraceMarkovKL_ELBO(**kw),
+        "ours, no baseline": TraceMarkovKL_ELBO(leave_one_out_baseline=False, **kw),
+        "tracegraph": TraceGraph_ELBO(**kw),
+    }
+    grads = {name: {n: [] for n, _ in named} for name in elbos}
+    for d in range(60):
+        for name, elbo in elbos.items():
+            pyro.set_rng_seed(100 + d)
+            for _, p in named:
                 p.grad = None
             elbo.loss_and_grads(ssm.model, ssm.guide, x)
-            grads.append(torch.cat([p.grad.reshape(-1) for p in guide_params]))
-        variances[name] = torch.stack(grads).var(0)
-    ratio = variances["ours"] / variances["tracegraph"]
-    total_ratio = variances["ours"].sum() / variances["tracegraph"].sum()
-    # per-parameter ratios from 60 draws scatter by ~F(59, 59): allow 1.9x (its 0.7% point)
-    # per coordinate, and require the total to be clearly below 1
-    assert total_ratio < 0.8, f"total variance ratio {total_ratio:.3f}"
-    assert (ratio < 1.9).all(), f"max per-parameter ratio {ratio.max():.3f}; ratios {ratio}"
+            for n, p in named:
+                grads[name][n].append(p.grad.reshape(-1).clone())
+    var = {
+        name: {n: torch.stack(g).var(0).sum() for n, g in per.items()}
+        for name, per in grads.items()
+    }
+    ratios = {
+        name: {n: round((var[name][n] / var["tracegraph"][n]).item(), 3) for n, _ in named}
+        for name in ("ours", "ours, no baseline")
+    }
+    assert all(r <= 1 for r in ratios["ours"].values()), f"variance ratios {ratios}"
+    total = {
+        name: (sum(var[name].values()) / sum(var["tracegraph"].values())).item() for name in ratios
+    }
+    assert total["ours"] <= 0.5, f"total variance ratios {total}; per parameter {ratios}"
+    assert total["ours, no baseline"] < 1, f"total variance ratios {total}; per parameter {ratios}"
+    print("variance ratios", ratios, "total", total)
