@@ -276,3 +276,7 @@ def test_enum_class_refuses_plate_coupling():
     with pytest.raises(NotImplementedError, match=r"site 'k': the cost term x .* plate 'n'"):
         elbo.loss(global_model, global_guide, DATA)
     assert math.isfinite(elbo.loss(local_model, local_guide, DATA))
+    # DiCE weights k by every cost at its plate or below; no baseline of ours there
+    assert "score function at k: cost = k + z + x\n" in str(
+        elbo.explain(local_model, local_guide, DATA)
+    )
