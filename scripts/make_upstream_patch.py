@@ -96,6 +96,7 @@ TEST_FILES = {
     "test_batched_kl": f"{TESTS_SUBDIR}/test_batched_kl.py",
     "test_kl": f"{TESTS_SUBDIR}/test_kl.py",
     "test_closed_form": f"{TESTS_SUBDIR}/test_closed_form.py",
+    "test_baselines": f"{TESTS_SUBDIR}/test_baselines.py",
 }
 #: Test helper modules (imported by the tests as top-level modules) -> (Pyro module, path).
 TEST_HELPERS = {
@@ -109,6 +110,7 @@ LEFT_OUT_TESTS = {
     "test_compare": "tests pyro_markov_kl.compare and the DMM comparison example",
     "test_distributed": "trains the bundled DMM on the bundled data with torch.distributed",
     "test_property": "needs hypothesis, which is not one of Pyro's test dependencies",
+    "test_property_discrete": "needs hypothesis, which is not one of Pyro's test dependencies",
 }
 #: Imports from these modules make a test depend on something the patch leaves out:
 #: such tests are dropped from the copied module (and listed in the report).
@@ -221,6 +223,8 @@ def map_module(module: str, names: Sequence[str]) -> list[tuple[str, list[str]]]
     """
     if module in TEST_HELPERS:
         return [(TEST_HELPERS[module][0], list(names))]
+    if module in TEST_FILES:  # a test module importing another's helpers
+        return [(TEST_FILES[module].removesuffix(".py").replace("/", "."), list(names))]
     if module == OUR_PACKAGE:
         elbo = [n for n in names if n.split(" ")[0] in ELBO_CLASSES]
         rest = [n for n in names if n.split(" ")[0] not in ELBO_CLASSES]

@@ -17,7 +17,7 @@ from pyro.infer import TraceGraph_ELBO
 from pyro.poutine.indep_messenger import CondIndepStackFrame
 from test_score_function import _grad_stats
 
-from pyro_markov_kl import JitTraceMarkovKL_ELBO, TraceEnumMarkovKL_ELBO, TraceMarkovKL_ELBO
+from pyro_markov_kl import JitTraceMarkovKL_ELBO, TraceMarkovKL_ELBO
 from pyro_markov_kl.examples.switching import SwitchingSSM, simulate
 from pyro_markov_kl.score_function import leave_one_out_baseline
 
@@ -264,19 +264,3 @@ def test_jit_unbiased():
     z = _check_against_exact(elbo)
     assert (z < 5).all(), z
     assert all(plan.sites["k"].baseline_frames for plan in elbo._plans.values())
-
-
-def test_enum_class_refuses_plate_coupling():
-    """TraceEnumMarkovKL_ELBO leaves sampled discrete guide sites to Pyro's DiCE, which is
-    biased on global_model/global_guide (measured: 25 and 88 for the gradient of u, whose exact
-    value is 172 and 399): it raises, naming the site, the term and the plate. Without the
-    global, it runs."""
-    pyro.clear_param_store()
-    elbo = TraceEnumMarkovKL_ELBO(max_plate_nesting=1, strict_enumeration_warning=False)
-    with pytest.raises(NotImplementedError, match=r"site 'k': the cost term x .* plate 'n'"):
-        elbo.loss(global_model, global_guide, DATA)
-    assert math.isfinite(elbo.loss(local_model, local_guide, DATA))
-    # DiCE weights k by every cost at its plate or below; no baseline of ours there
-    assert "score function at k: cost = k + z + x\n" in str(
-        elbo.explain(local_model, local_guide, DATA)
-    )
