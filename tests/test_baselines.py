@@ -13,7 +13,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
-from pyro.infer import TraceGraph_ELBO
+from pyro.infer import Trace_ELBO, TraceGraph_ELBO
 from pyro.poutine.indep_messenger import CondIndepStackFrame
 from test_score_function import _grad_stats
 
@@ -264,3 +264,57 @@ def test_jit_unbiased():
     z = _check_against_exact(elbo)
     assert (z < 5).all(), z
     assert all(plan.sites["k"].baseline_frames for plan in elbo._plans.values())
+
+
+# Nested plates: k in outer x inner, a site h in outer only sampled from the sum of k over inner,
+# observations in outer x inner that depend on h. Along outer the dependence stays inside the
+# plate (the baseline may use it); along inner it leaves it (x is summed over inner). The
+# reference is Trace_ELBO on the same model with inner as an event dimension, which has no
+# plate to misread.
+NESTED = torch.tensor([[0.3, -1.2, 2.0], [0.7, 1.1, -0.4]])
+
+
+def nested_model(data, inner_plate=True):
+    with pyro.plate("outer", 2, dim=-2 if inner_plate else -1):
+        if inner_plate:
+            h = pyro.sample("h", dist.Normal(torch.zeros(1), 1.0))
+            with pyro.plate("inner", 3, dim=-1):
+                k = pyro.sample("k", dist.Bernoulli(0.4))
+                pyro.sample("x", dist.Normal(h + k, 0.5), obs=data)
+        else:
+            h = pyro.sample("h", dist.Normal(0.0, 1.0)).unsqueeze(-1)
+            k = pyro.sample("k", dist.Bernoulli(0.4 * torch.ones(3)).to_event(1))
+            pyro.sample("x", dist.Normal(h + k, 0.5).to_event(1), obs=data)
+
+
+def nested_guide(data, inner_plate=True):
+    u = pyro.param("u", torch.tensor([0.5, -0.5]))
+    c = pyro.param("c", torch.tensor(0.8))
+    logits = u[0] * data + u[1]
+    with pyro.plate("outer", 2, dim=-2 if inner_plate else -1):
+        if inner_plate:
+            with pyro.plate("inner", 3, dim=-1):
+                k = pyro.sample("k", dist.Bernoulli(logits=logits))
+            pyro.sample("h", dist.Normal(c * k.sum(-1, keepdim=True), 1.0))
+        else:
+            k = pyro.sample("k", dist.Bernoulli(logits=logits).to_event(1))
+            pyro.sample("h", dist.Normal(c * k.sum(-1), 1.0))
+
+
+def test_nested_plates_against_trace_elbo_without_the_inner_plate():
+    kw = dict(num_particles=2000, vectorize_particles=True)
+    plan = TraceMarkovKL_ELBO(max_plate_nesting=2, **kw).explain(nested_model, nested_guide, NESTED)
+    rec = plan.sites["k"]
+    assert [f.name for f in rec.baseline_frames] == ["num_particles_vectorized", "outer"]
+    assert "cost = x (summed over plate 'inner') + h;" in str(plan)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    ours = _grad_stats(
+        TraceMarkovKL_ELBO(max_plate_nesting=2, **kw), nested_model, nested_guide, 15, NESTED
+    )
+    ref = _grad_stats(
+        Trace_ELBO(max_plate_nesting=1, **kw), nested_model, nested_guide, 15, NESTED, False
+    )
+    assert abs(ours[0] - ref[0]) < 5 * math.hypot(ours[1], ref[1])
+    z = (ours[2] - ref[2]).abs() / (ours[3] ** 2 + ref[3] ** 2).sqrt()
+    assert (z < 5).all(), (ours[2], ref[2], z)
