@@ -67,6 +67,13 @@ class SiteRecord:
     :ivar downstream_summed: for each downstream term, the plates of both
         the site and the term over which the term is summed in each element's
         cost, because it depends on the site across them (usually none)
+    :ivar cost_base: a non-reparameterised guide descendant of the site whose
+        cost is part of this one's, with the same plates (the regime at
+        :math:`t + 1` for the regime at :math:`t`): the cost is computed as
+        that one's plus the terms at :attr:`cost_extra` (indices into
+        :attr:`downstream`), which keeps a chain of :math:`T` such sites at
+        :math:`O(T)` additions instead of :math:`O(T^2)`
+    :ivar cost_extra: see :attr:`cost_base`
     :ivar baseline: for a non-reparameterised site, which baseline its cost
         gets, and why (see :func:`~pyro_markov_kl.score_function.leave_one_out_baseline`)
     :ivar baseline_frames: the plates of its leave-one-out baseline, if it gets one
@@ -83,6 +90,8 @@ class SiteRecord:
     reparameterized: bool = True
     downstream: Tuple[str, ...] = ()
     downstream_summed: Tuple[frozenset, ...] = ()
+    cost_base: Optional[str] = None
+    cost_extra: Tuple[int, ...] = ()
     baseline: str = ""
     baseline_frames: Tuple[CondIndepStackFrame, ...] = ()
 
@@ -397,6 +406,7 @@ def build_plan(
     plates = site_plates(model_sites, guide_sites)
     records = add_downstream_costs(records, observed, model_deps, latents, plates, guide_deps.order)
     records = _add_baselines(records, guide_sites, plates, leave_one_out)
+    records = _add_cost_bases(records, guide_sites)
     return Plan(
         sites=records,
         observed=tuple(observed),
@@ -524,6 +534,43 @@ def site_plates(
         return frozenset.intersection(*(_full_plates(site) for site in sites))
 
     return plates
+
+
+def _add_cost_bases(
+    records: Dict[str, SiteRecord], guide_sites: Mapping[str, Mapping]
+) -> Dict[str, SiteRecord]:
+    """
+    For every score-function site, the descendant score-function site with the
+    largest cost that its own cost extends (:attr:`SiteRecord.cost_base`): a
+    guide descendant's downstream terms are among the site's, and they can be
+    reused where both sites lie in the same plates and every shared term is
+    summed over the same ones.
+    """
+    score = {n: r for n, r in records.items() if not r.reparameterized and r.downstream}
+    if len(score) < 2:
+        return records
+
+    def frames(name: str) -> frozenset:
+        return frozenset(f for f in guide_sites[name]["cond_indep_stack"] if f.vectorized)
+
+    result = dict(records)
+    for name, rec in score.items():
+        candidates = sorted(
+            (n for n in rec.guide_descendants if n in score),
+            key=lambda n: len(score[n].downstream),
+            reverse=True,
+        )
+        summed = dict(zip(rec.downstream, rec.downstream_summed))
+        for base in candidates:
+            other = score[base]
+            if frames(base) == frames(name) and all(
+                summed.get(t) == s for t, s in zip(other.downstream, other.downstream_summed)
+            ):
+                shared = set(other.downstream)
+                extra = tuple(i for i, t in enumerate(rec.downstream) if t not in shared)
+                result[name] = replace(rec, cost_base=base, cost_extra=extra)
+                break
+    return result
 
 
 def _full_plates(site: Mapping) -> frozenset:

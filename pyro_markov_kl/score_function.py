@@ -66,12 +66,16 @@ def score_function_terms(plan: Plan, terms: List[Term], guide_trace: Trace) -> T
     if not names:
         return surrogate_elbo, baseline_loss
     by_name = {term.name: term for term in terms}
-    for name in names:
+    costs: Dict[str, Any] = {}  # before baselines, for the sites whose cost extends them
+    position = {n: i for i, n in enumerate(plan.guide.order)}
+    for name in sorted(names, key=lambda n: position.get(n, -1), reverse=True):
         rec = plan.sites[name]
         if not rec.downstream:
             continue  # nothing depends on z_k: its score term is zero
         site = guide_trace.nodes[name]
-        cost = downstream_cost(rec, by_name, site["cond_indep_stack"])
+        cost = costs[name] = downstream_cost(
+            rec, by_name, site["cond_indep_stack"], costs.get(rec.cost_base)
+        )
         use_baseline, baseline_loss_term, baseline = _construct_baseline(name, site, cost)
         if use_baseline:
             cost = cost - baseline
@@ -85,17 +89,24 @@ def score_function_terms(plan: Plan, terms: List[Term], guide_trace: Trace) -> T
     return surrogate_elbo, baseline_loss
 
 
-def downstream_cost(rec: SiteRecord, by_name: Dict[str, Term], cond_indep_stack: tuple) -> Any:
+def downstream_cost(
+    rec: SiteRecord, by_name: Dict[str, Term], cond_indep_stack: tuple, base_cost: Any = None
+) -> Any:
     """
     The cost :math:`C_k` of a score-function site, element by element: its
     downstream terms summed down to the site's plates, except those summed
     over the plates across which they depend on the site
     (:attr:`~pyro_markov_kl.plan.SiteRecord.downstream_summed`).
+
+    :param base_cost: the cost of the site's
+        :attr:`~pyro_markov_kl.plan.SiteRecord.cost_base`, if any: then only the
+        other terms are added to it
     """
+    indices = range(len(rec.downstream)) if base_cost is None else rec.cost_extra
     groups: Dict[frozenset, list] = {}
-    for term, summed in zip(rec.downstream, rec.downstream_summed):
-        groups.setdefault(summed, []).append(by_name[term])
-    cost: Any = 0.0
+    for i in indices:
+        groups.setdefault(rec.downstream_summed[i], []).append(by_name[rec.downstream[i]])
+    cost: Any = 0.0 if base_cost is None else base_cost
     for summed, group in groups.items():
         target = frozenset(f for f in cond_indep_stack if f.vectorized) - summed
         cost = cost + MultiFrameTensor(*((t.frames, t.value) for t in group)).sum_to(target)
