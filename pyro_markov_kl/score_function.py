@@ -135,8 +135,9 @@ def leave_one_out_baseline(
     particles of ``vectorize_particles=True`` are such a plate [3, 4]. The
     baseline removes what the elements' costs have in common, typically the
     large offset of a sum of many log-densities, which otherwise multiplies
-    every score. Where the site has a mask, masked elements get ``0`` (the
-    cost TraceGraph_ELBO weights them by) and are left out of the means.
+    every score. Where the site has a mask, masked elements get a baseline of
+    ``0`` (their cost stays as TraceGraph_ELBO has it) and are left out of the
+    other elements' means.
 
     :param cost: the downstream cost, summed down to the site's plates
     :param shape: the shape of the site's ``log_prob``
