@@ -588,8 +588,8 @@ def _fn_signature(fn: Any) -> tuple:
     while fn is not None:
         entry: tuple = (
             type(fn),
-            getattr(fn, "batch_shape", None),
-            getattr(fn, "event_shape", None),
+            _shape(getattr(fn, "batch_shape", None)),
+            _shape(getattr(fn, "event_shape", None)),
         )
         if isinstance(fn, Independent):
             entry += (fn.reinterpreted_batch_ndims,)
@@ -605,14 +605,20 @@ def _fn_signature(fn: Any) -> tuple:
 def _mask_signature(mask: Any) -> Any:
     # which dimensions of a .mask() are broadcast decides whether it can be folded
     if torch.is_tensor(mask):
-        return mask.shape, tuple(st == 0 for st in mask.stride())
+        return _shape(mask.shape), tuple(st == 0 for st in mask.stride())
     return mask
 
 
+def _shape(shape: Any) -> Any:
+    # plain ints: under Pyro's JIT, sizes hash by identity although they compare equal
+    return None if shape is None else tuple(int(d) for d in shape)
+
+
 def _factor_signature(x: Any) -> Any:
-    if torch.is_tensor(x):
-        return x.shape, x.dtype
-    return x if x is None or x is True or x is False else type(x)
+    # a 0-dim tensor scale is a number to the plan (Pyro's JIT turns numbers into tensors)
+    if torch.is_tensor(x) and (x.dim() or x.dtype == torch.bool):
+        return _shape(x.shape), x.dtype
+    return x if x is None or x is True or x is False else float
 
 
 class StructureKey:
@@ -646,7 +652,7 @@ def structure_key(model_trace: Trace, guide_trace: Trace) -> StructureKey:
     def frame_key(f: Any) -> tuple:
         k = frames.get(id(f))
         if k is None:
-            k = frames[id(f)] = (f.name, f.dim, f.size, f.counter)
+            k = frames[id(f)] = f._key()  # sizes as numbers, also when JIT made them tensors
         return k
 
     for trace in (guide_trace, model_trace):
@@ -660,7 +666,7 @@ def structure_key(model_trace: Trace, guide_trace: Trace) -> StructureKey:
                     name,
                     site["is_observed"],
                     _fn_signature(site["fn"]),
-                    value.shape if torch.is_tensor(value) else type(value),
+                    _shape(value.shape) if torch.is_tensor(value) else type(value),
                     tuple(frame_key(f) for f in site["cond_indep_stack"]),
                     infer.get("kl"),
                     infer.get("is_auxiliary"),

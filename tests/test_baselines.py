@@ -263,7 +263,9 @@ def test_jit_unbiased():
     elbo = JitTraceMarkovKL_ELBO(ignore_jit_warnings=True, **kw)
     z = _check_against_exact(elbo)
     assert (z < 5).all(), z
-    assert all(plan.sites["k"].baseline_frames for plan in elbo._plans.values())
+    # the analysis ran once: the traced run found the plan of the eager first run
+    (plan,) = elbo._plans.values()
+    assert plan.sites["k"].baseline_frames
 
 
 # Nested plates: k in outer x inner, a site h in outer only sampled from the sum of k over inner,
