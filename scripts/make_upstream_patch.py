@@ -97,6 +97,7 @@ TEST_FILES = {
     "test_kl": f"{TESTS_SUBDIR}/test_kl.py",
     "test_closed_form": f"{TESTS_SUBDIR}/test_closed_form.py",
     "test_baselines": f"{TESTS_SUBDIR}/test_baselines.py",
+    "test_property_plates": f"{TESTS_SUBDIR}/test_property_plates.py",
 }
 #: Test helper modules (imported by the tests as top-level modules) -> (Pyro module, path).
 TEST_HELPERS = {
