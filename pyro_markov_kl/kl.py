@@ -41,8 +41,9 @@ from typing import Any, Callable, Dict, Iterator, Mapping, NamedTuple, Optional,
 
 import torch
 import torch.distributions.kl as _torch_kl
+from pyro.distributions.torch_distribution import ExpandedDistribution
 from torch import Tensor
-from torch.distributions import Distribution
+from torch.distributions import Distribution, Independent
 
 __all__ = [
     "KLDivergenceError",
@@ -291,6 +292,15 @@ def _torch_only_dispatch(type_q: type, type_p: type) -> Optional[Tuple[Any, Type
 ################################################################################
 # Lookup
 ################################################################################
+
+
+def distribution_name(d: Distribution) -> str:
+    """``Independent(Normal, 1)``-style name of a distribution through its wrappers."""
+    if isinstance(d, Independent):
+        return f"Independent({distribution_name(d.base_dist)}, {d.reinterpreted_batch_ndims})"
+    if isinstance(d, ExpandedDistribution):
+        return f"ExpandedDistribution({distribution_name(d.base_dist)})"
+    return type(d).__name__
 
 
 def _fn_name(fn: Any) -> str:

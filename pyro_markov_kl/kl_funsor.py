@@ -51,7 +51,7 @@ from torch.distributions import (
     Normal,
 )
 
-from .kl import KLRule
+from .kl import KLRule, distribution_name
 
 _GAUSSIANS = (Normal, MultivariateNormal, LowRankMultivariateNormal)
 
@@ -61,14 +61,6 @@ def is_gaussian(d: Distribution) -> bool:
     while isinstance(d, (Independent, ExpandedDistribution)):
         d = d.base_dist
     return isinstance(d, _GAUSSIANS)
-
-
-def _name(d: Distribution) -> str:
-    if isinstance(d, Independent):
-        return f"Independent({_name(d.base_dist)}, {d.reinterpreted_batch_ndims})"
-    if isinstance(d, ExpandedDistribution):
-        return f"ExpandedDistribution({_name(d.base_dist)})"
-    return type(d).__name__
 
 
 def find_gaussian_rule(q: Distribution, p: Distribution) -> Tuple[Optional[KLRule], str]:
@@ -83,7 +75,9 @@ def find_gaussian_rule(q: Distribution, p: Distribution) -> Tuple[Optional[KLRul
     if importlib.util.find_spec("funsor") is None:
         return None, "funsor is not installed (the exact Gaussian fallback needs it)"
     return KLRule(
-        gaussian_kl, "funsor", f"funsor: exact Gaussian integral ({_name(q)} vs {_name(p)})"
+        gaussian_kl,
+        "funsor",
+        f"funsor: exact Gaussian integral ({distribution_name(q)} vs {distribution_name(p)})",
     ), ""
 
 
@@ -136,7 +130,7 @@ def _to_gaussian_funsor(d: Distribution, dim_to_name: OrderedDict[int, str], val
     consts = [t for t in terms if not isinstance(t, Gaussian)]
     const_types = (funsor.Tensor, funsor.Number)
     if len(gaussians) != 1 or not all(isinstance(t, const_types) for t in consts):
-        raise NotImplementedError(f"funsor did not produce a Gaussian for {_name(d)}")
+        raise NotImplementedError(f"funsor did not produce a Gaussian for {distribution_name(d)}")
     const = consts[0] if consts else funsor.Number(0.0)
     for t in consts[1:]:
         const = const + t

@@ -56,7 +56,7 @@ from torch.distributions import (
 )
 from torch.distributions.transforms import Transform
 
-from .kl import KLDivergenceError, KLRule
+from .kl import KLDivergenceError, KLRule, distribution_name
 
 Resolver = Callable[[Distribution, Distribution], Tuple[Optional[KLRule], str]]
 Builder = Callable[[Distribution, Distribution, Resolver], Union[KLRule, str]]
@@ -286,7 +286,7 @@ def _diag_rule(
         return delta
     d = q if side == "q" else p
     if _diag_normal(d) is None:
-        return f"no closed form for {_name(q)} vs {_name(p)}"
+        return f"no closed form for {distribution_name(q)} vs {distribution_name(p)}"
 
     def checked(q: Distribution, p: Distribution) -> Tensor:
         if _diag_normal(q if side == "q" else p) is None:
@@ -381,7 +381,7 @@ def _build_indep_any(q: Any, p: Any, resolve: Resolver) -> Union[KLRule, str]:
     rule = _delta_rule(q)
     if rule is not None:
         return rule
-    return f"no closed form for {_name(q)} vs {_name(p)}"
+    return f"no closed form for {distribution_name(q)} vs {distribution_name(p)}"
 
 
 ################################################################################
@@ -604,11 +604,3 @@ def _build_indep_expanded(q: Any, p: Any, resolve: Resolver) -> Union[KLRule, st
     if rule is not None:
         return rule
     return _build_expanded(q, p, resolve, False, True)
-
-
-def _name(d: Distribution) -> str:
-    if isinstance(d, Independent):
-        return f"Independent({_name(d.base_dist)}, {d.reinterpreted_batch_ndims})"
-    if isinstance(d, ExpandedDistribution):
-        return f"ExpandedDistribution({_name(d.base_dist)})"
-    return type(d).__name__

@@ -155,8 +155,7 @@ class Plan:
         for name in self.score_function_sites():
             rec = self.sites[name]
             terms = []
-            summed_over = rec.downstream_summed or (frozenset(),) * len(rec.downstream)
-            for term, summed in zip(rec.downstream, summed_over):
+            for term, summed in zip(rec.downstream, rec.downstream_summed):
                 plates = ", ".join(sorted(f"'{f.name}'" for f in summed))
                 terms.append(term + (f" (summed over plate {plates})" if summed else ""))
             line = f"score function at {name}: cost = {' + '.join(terms) or '0'}"

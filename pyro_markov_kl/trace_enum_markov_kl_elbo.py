@@ -305,7 +305,9 @@ def build_enum_plan(
         if not rec.reparameterized and name not in guide_enumerated:
             own = _ordinal(guide_sites[name])
             downstream = tuple(n for n, o in ordinals.items() if own <= o)
-            records[name] = replace(rec, downstream=downstream)
+            records[name] = replace(
+                rec, downstream=downstream, downstream_summed=(frozenset(),) * len(downstream)
+            )
 
     return EnumPlan(
         sites=records,

@@ -538,20 +538,29 @@ def check_plan(plan, spec: LGSpec) -> List[str]:
         if name not in plan.sites:
             failures.append(f"{name}: missing from plan.sites")
             continue
-        site = plan.sites[name]
         want = "analytic" if name in expected else "mc"
-        if site.estimator != want:
-            failures.append(
-                f"{name}: estimator {site.estimator!r}, rule says {want!r} "
-                f"(model parents {sorted(model_pa[name])}, guide descendants "
-                f"{sorted(desc[name])}); reason={site.reason!r}"
-            )
-        for attr, truth in (
-            ("model_parents", model_pa[name]),
-            ("guide_parents", guide_pa[name]),
-            ("guide_descendants", desc[name]),
-        ):
-            got = frozenset(getattr(site, attr))
-            if got != truth:
-                failures.append(f"{name}: {attr} {sorted(got)} != {sorted(truth)}")
+        failures += site_failures(name, name, plan.sites[name], want, model_pa, guide_pa, desc)
+    return failures
+
+
+def site_failures(
+    name: str, label: str, site, want: str, model_pa: dict, guide_pa: dict, desc: dict
+) -> List[str]:
+    """A plan's site against the expected estimator and the structural parent and
+    descendant sets (``label`` names the site in the estimator message)."""
+    failures = []
+    if site.estimator != want:
+        failures.append(
+            f"{label}: estimator {site.estimator!r}, rule says {want!r} "
+            f"(model parents {sorted(model_pa[name])}, guide descendants "
+            f"{sorted(desc[name])}); reason={site.reason!r}"
+        )
+    for attr, truth in (
+        ("model_parents", model_pa[name]),
+        ("guide_parents", guide_pa[name]),
+        ("guide_descendants", desc[name]),
+    ):
+        got = frozenset(getattr(site, attr))
+        if got != truth:
+            failures.append(f"{name}: {attr} {sorted(got)} != {sorted(truth)}")
     return failures

@@ -446,20 +446,7 @@ def check_plan(plan, spec: MixedSpec, enumerated: bool = False) -> List[str]:
             want = "enum"
         else:
             want = "analytic" if name in expected else "mc"
-        if site.estimator != want:
-            failures.append(
-                f"{name} ({kind}): estimator {site.estimator!r}, rule says {want!r} "
-                f"(model parents {sorted(model_pa[name])}, guide descendants "
-                f"{sorted(desc[name])}); reason={site.reason!r}"
-            )
+        failures += lg.site_failures(name, f"{name} ({kind})", site, want, model_pa, guide_pa, desc)
         if site.reparameterized != (kind == "normal"):
             failures.append(f"{name} ({kind}): reparameterized={site.reparameterized}")
-        for attr, truth in (
-            ("model_parents", model_pa[name]),
-            ("guide_parents", guide_pa[name]),
-            ("guide_descendants", desc[name]),
-        ):
-            got = frozenset(getattr(site, attr))
-            if got != truth:
-                failures.append(f"{name}: {attr} {sorted(got)} != {sorted(truth)}")
     return failures

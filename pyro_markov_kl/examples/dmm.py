@@ -584,16 +584,27 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         return _run(args)
 
 
+def load_train_split(
+    max_train_sequences: Optional[int] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    The JSB Chorales training sequences and their lengths, the first
+    ``max_train_sequences`` of them if given (cut to the longest of those).
+    """
+    train = load_jsb_chorales("train")
+    sequences, lengths = train["sequences"], train["sequence_lengths"]
+    if max_train_sequences is not None:
+        lengths = lengths[:max_train_sequences]
+        sequences = sequences[:max_train_sequences, : int(lengths.max())]
+    return sequences, lengths
+
+
 def _run(args: argparse.Namespace) -> Dict[str, Any]:
     pyro.set_rng_seed(args.seed)
     pyro.clear_param_store()
 
-    train = load_jsb_chorales("train")
+    train_sequences, train_lengths = load_train_split(args.max_train_sequences)
     test = load_jsb_chorales("test")
-    train_sequences, train_lengths = train["sequences"], train["sequence_lengths"]
-    if args.max_train_sequences is not None:
-        train_lengths = train_lengths[: args.max_train_sequences]
-        train_sequences = train_sequences[: args.max_train_sequences, : int(train_lengths.max())]
     num_train = len(train_lengths)
     num_train_slices = int(train_lengths.sum())
     num_test_slices = int(test["sequence_lengths"].sum())

@@ -108,7 +108,13 @@ from pyro.poutine.messenger import Messenger
 from torch.nn.parallel import DistributedDataParallel
 
 from pyro_markov_kl.data import get_mini_batch, load_jsb_chorales
-from pyro_markov_kl.examples.dmm import DMM, annealing_factor, build_dmm, build_elbo
+from pyro_markov_kl.examples.dmm import (
+    DMM,
+    annealing_factor,
+    build_dmm,
+    build_elbo,
+    load_train_split,
+)
 from pyro_markov_kl.examples.dmm import make_parser as make_dmm_parser
 
 __all__ = [
@@ -487,11 +493,7 @@ def _train(
 
     pyro.set_rng_seed(args.seed)
     pyro.clear_param_store()
-    train_split = load_jsb_chorales("train")
-    sequences, lengths = train_split["sequences"], train_split["sequence_lengths"]
-    if args.max_train_sequences is not None:
-        lengths = lengths[: args.max_train_sequences]
-        sequences = sequences[: args.max_train_sequences, : int(lengths.max())]
+    sequences, lengths = load_train_split(args.max_train_sequences)
     num_train = len(lengths)
     num_train_slices = int(lengths.sum())
     num_mini_batches = math.ceil(num_train / args.batch_size)
