@@ -89,12 +89,18 @@ class DependencyMessenger(Messenger):
         tracker, name, fn, value = self.tracker, msg["name"], msg["fn"], msg["value"]
         reason = None
         try:
-            bits = tracker.provenance_of(fn)
+            fn_bits = tracker.provenance_of(fn)
         except RecursionError:
-            bits = tracker.all_sites()
+            fn_bits = tracker.all_sites()
             reason = "its distribution holds too large an object graph to search for tensors"
+        # the factors any handler scales or masks the site's log-density by are inputs of
+        # its ELBO term like the distribution's parameters (poutine.scale, poutine.mask,
+        # or any handler writing msg["scale"] / msg["mask"])
+        bits = fn_bits | tracker.provenance_of((msg["scale"], msg["mask"]))
+        value_bits = 0
         if torch.is_tensor(value):
-            bits |= tracker.provenance(value)
+            value_bits = tracker.provenance(value)
+            bits |= value_bits
             try:
                 bits |= tracker.provenance_of(fn.log_prob(value))
             except Exception:  # noqa: BLE001 -- the attribute walk above still counts
@@ -111,7 +117,13 @@ class DependencyMessenger(Messenger):
         if reason is not None:
             self.unknown[name] = reason
         if torch.is_tensor(value):
-            tracker.tag(value, name)
+            # A value the site drew from its distribution depends on the sites that flow into
+            # the distribution, which are its parents: tagged with the site alone, the graph
+            # keeps direct parents and ancestry is the transitive closure. A value recorded
+            # at the site (observed, pyro.deterministic, or set by a handler) keeps what it
+            # was computed from besides, or a later site using it would forget those latents.
+            kept = value_bits if msg["is_observed"] else value_bits & ~fn_bits
+            tracker.tag(value, name, kept)
 
     def dependencies(self) -> ProgramDependencies:
         names_of = self.tracker.names_of

@@ -676,4 +676,38 @@ def structure_key(model_trace: Trace, guide_trace: Trace) -> StructureKey:
                 )
             )
         key.append(None)
+    model_nodes = model_trace.nodes
+    for name, site in guide_trace.nodes.items():
+        if site["type"] == "sample" and name in model_nodes:
+            equal = _transform_equalities(site["fn"], model_nodes[name]["fn"])
+            if equal:
+                key.append((name, equal))
     return StructureKey(tuple(key))
+
+
+def _transform_equalities(q: Any, p: Any) -> tuple:
+    """
+    Whether each pair of transforms of ``q`` and ``p`` (the guide's and the
+    model's distribution of a site, through their wrappers) is equal, for the
+    ``TransformedDistribution`` pairs whose KL rule requires equal transforms:
+    a value condition that a plan depends on, so it belongs in the key. Empty,
+    at the cost of a walk along the wrappers, for every other site.
+    """
+    equal: list = []
+    while q is not None and p is not None:
+        if isinstance(q, TransformedDistribution) and isinstance(p, TransformedDistribution):
+            equal.extend(_same_transform(a, b) for a, b in zip(q.transforms, p.transforms))
+        q, p = getattr(q, "base_dist", None), getattr(p, "base_dist", None)
+    return tuple(equal)
+
+
+def _same_transform(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    if type(a) is not type(b):
+        return False
+    try:
+        with torch.no_grad():
+            return bool(a == b)
+    except (RuntimeError, TypeError, ValueError):
+        return False

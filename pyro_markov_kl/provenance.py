@@ -169,11 +169,17 @@ class DependencyTracker:
     # --- provenance of tensors -------------------------------------------------
     @staticmethod
     def _storage_key(tensor: torch.Tensor) -> Optional[Tuple[int, Any]]:
+        # keyed by the memory address, not the storage object: torch.from_numpy and
+        # torch.from_dlpack make new storage objects for memory that a tracked tensor wrote
+        # to; the strong reference kept with the entry keeps the address unique
         try:
             storage = tensor.untyped_storage()
+            address = storage.data_ptr()
         except (RuntimeError, NotImplementedError):
             return None
-        return storage._cdata, storage
+        if not address:
+            return None  # empty, or no memory (meta tensors)
+        return address, storage
 
     def provenance(self, tensor: torch.Tensor) -> int:
         """The bit set of sites ``tensor`` may depend on."""
@@ -197,6 +203,10 @@ class DependencyTracker:
         if key is not None:
             old = self._storage_prov.get(key[0])
             self._storage_prov[key[0]] = (key[1], bits | (old[1] if old else 0))
+            if not key[1].resizable():
+                # memory torch does not own (numpy, dlpack, shared memory, a file): other
+                # code may read the values from there without a torch operation
+                self._escape(bits)
 
     def provenance_of(self, obj: Any) -> int:
         """Union of the provenance of every tensor reachable from ``obj``."""
@@ -205,16 +215,19 @@ class DependencyTracker:
             bits |= self.provenance(tensor)
         return bits
 
-    def tag(self, tensor: torch.Tensor, name: str) -> int:
+    def tag(self, tensor: torch.Tensor, name: str, keep: int = 0) -> int:
         """
         Register a new sample site and make ``tensor`` (and every alias of its
-        storage) depend on it.
+        storage) depend on it, and on the sites in ``keep`` besides.
 
+        :param keep: the bit set of sites the value itself was computed from
+            and keeps depending on (for a value recorded at a site rather than
+            drawn from its distribution)
         :returns: the site's bit
         """
         bit = 1 << len(self.names)
         self.names.append(name)
-        self._set(tensor, bit)
+        self._set(tensor, bit | keep)
         self._taint_storage(tensor, bit)
         return bit
 

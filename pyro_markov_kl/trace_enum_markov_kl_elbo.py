@@ -503,9 +503,12 @@ class TraceEnumMarkovKL_ELBO(TraceEnum_ELBO):
                 self.vectorize_particles,
                 self.num_particles,
                 self.max_plate_nesting,
+                tuple(self.kl_rules.items()),
             )
             plan = self._plans.get_or_build(
                 owner,
+                args,
+                kwargs,
                 model_trace,
                 guide_trace,
                 functools.partial(

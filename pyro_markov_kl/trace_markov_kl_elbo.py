@@ -151,7 +151,14 @@ class TraceMarkovKL_ELBO(ELBO):
     def _get_traces_and_plans(
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict
     ) -> Iterator[Tuple[Trace, Trace, Plan]]:
-        owner = (model, guide, self.vectorize_particles)
+        # everything besides the program and its traces that a plan reads
+        owner = (
+            model,
+            guide,
+            self.vectorize_particles,
+            self.leave_one_out_baseline,
+            tuple(self.kl_rules.items()),
+        )
         if self.vectorize_particles:
             if self.max_plate_nesting == float("inf"):
                 self._guess_max_plate_nesting(model, guide, args, kwargs)
@@ -164,6 +171,8 @@ class TraceMarkovKL_ELBO(ELBO):
             model_trace, guide_trace = self._get_unpruned_trace(model, guide, args, kwargs)
             plan = self._plans.get_or_build(
                 owner,
+                args,
+                kwargs,
                 model_trace,
                 guide_trace,
                 functools.partial(
