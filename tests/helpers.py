@@ -1,0 +1,85 @@
+# SPDX-FileCopyrightText: 2026 pyro-markov-kl developers
+# SPDX-License-Identifier: Apache-2.0
+
+"""Shared test helpers: Monte Carlo means and standard errors of ELBO estimators."""
+
+import math
+from typing import Callable, Dict, Sequence, Tuple
+
+import pyro
+import torch
+from pyro.infer.elbo import ELBO
+
+
+def loss_and_grad_stats(
+    elbo: ELBO,
+    model: Callable,
+    guide: Callable,
+    params: Sequence[torch.Tensor],
+    batches: int,
+    *args,
+    **kwargs,
+) -> Tuple[Tuple[float, float], torch.Tensor, torch.Tensor]:
+    """
+    Means and standard errors of the loss and of its gradient with respect to
+    ``params`` over ``batches`` independent calls of ``elbo.differentiable_loss``
+    (each averaging the ELBO's own particles).
+
+    :returns: ``((loss mean, loss SE), gradient means, gradient SEs)``, the
+        gradients flattened and concatenated in the order of ``params``
+    """
+    losses, grads = [], []
+    for _ in range(batches):
+        loss = elbo.differentiable_loss(model, guide, *args, **kwargs)
+        g = torch.autograd.grad(loss, list(params), allow_unused=True)
+        grads.append(
+            torch.cat(
+                [
+                    (torch.zeros_like(p) if gi is None else gi).reshape(-1)
+                    for p, gi in zip(params, g)
+                ]
+            )
+        )
+        losses.append(loss.detach())
+    losses_t, grads_t = torch.stack(losses), torch.stack(grads)
+    root = math.sqrt(batches)
+    return (
+        (float(losses_t.mean()), float(losses_t.std() / root)),
+        grads_t.mean(0),
+        grads_t.std(0) / root,
+    )
+
+
+def z_scores(ours, reference) -> Dict[str, object]:
+    """
+    ``|difference| / combined standard error`` of the loss and of each gradient
+    component between two results of :func:`loss_and_grad_stats`; a reference
+    with zero standard errors (a closed form) counts only ours.
+    """
+    (l1, s1), g1, e1 = ours
+    (l2, s2), g2, e2 = reference
+    z_loss = abs(l1 - l2) / max(math.hypot(s1, s2), 1e-12)
+    z_grad = (g1 - g2).abs() / torch.sqrt(e1**2 + e2**2).clamp(min=1e-12)
+    return {"loss": z_loss, "grad": z_grad}
+
+
+def exact(loss: torch.Tensor, params: Sequence[torch.Tensor]):
+    """A closed-form loss in the format of :func:`loss_and_grad_stats` (zero SEs)."""
+    grads = torch.autograd.grad(loss, list(params), allow_unused=True)
+    flat = torch.cat(
+        [(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)]
+    )
+    return (float(loss.detach()), 0.0), flat, torch.zeros_like(flat)
+
+
+def fresh_params(**initial: float) -> Dict[str, torch.Tensor]:
+    """
+    Clear the param store and register scalar params with these initial values.
+
+    :returns: their unconstrained tensors, the leaves gradients are taken of
+    """
+    pyro.clear_param_store()
+    return {
+        name: pyro.param(name, torch.tensor(value)).unconstrained()
+        for name, value in initial.items()
+    }

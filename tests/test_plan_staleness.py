@@ -1,0 +1,125 @@
+# SPDX-FileCopyrightText: 2026 pyro-markov-kl developers
+# SPDX-License-Identifier: Apache-2.0
+
+"""
+A cached plan is reused only where every input of its decisions is unchanged:
+the traces' structure, the equality of transforms a KL rule requires, the
+non-tensor arguments of the call, and the ELBO's own settings. Each test calls
+one ELBO instance in two situations in turn and checks the second against a
+fresh reference; before these were in the plan key the first plan was reused.
+"""
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from helpers import fresh_params, loss_and_grad_stats, z_scores
+from pyro.infer import Trace_ELBO
+from torch.distributions.transforms import AffineTransform
+
+from pyro_markov_kl import TraceMarkovKL_ELBO
+
+N_SE = 5.0
+KWARGS = dict(num_particles=5000, vectorize_particles=True, max_plate_nesting=0)
+
+
+def _check_against_trace_elbo(elbo, model, guide, params, *args, **kwargs):
+    pyro.set_rng_seed(0)
+    ours = loss_and_grad_stats(elbo, model, guide, params, 20, *args, **kwargs)
+    reference = loss_and_grad_stats(Trace_ELBO(**KWARGS), model, guide, params, 20, *args, **kwargs)
+    z = z_scores(ours, reference)
+    assert z["loss"] < N_SE, (ours, reference)
+    assert float(z["grad"].max()) < N_SE, (ours, reference)
+
+
+def transformed_model(scale_p):
+    base = dist.Normal(0.0, 1.0)
+    pyro.sample("z", dist.TransformedDistribution(base, [AffineTransform(0.0, scale_p)]))
+
+
+def transformed_guide(scale_p):
+    base = dist.Normal(pyro.param("loc"), 1.0)
+    pyro.sample("z", dist.TransformedDistribution(base, [AffineTransform(0.0, 2.0)]))
+
+
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["float", "tensor"])
+def test_transform_equality_changes(as_tensor):
+    params = list(fresh_params(loc=0.5).values())
+    elbo = TraceMarkovKL_ELBO(**KWARGS)
+    for scale_p in (2.0, 3.0, 2.0):
+        arg = torch.tensor(scale_p) if as_tensor else scale_p
+        plan = elbo.explain(transformed_model, transformed_guide, arg)
+        assert plan.sites["z"].estimator == ("analytic" if scale_p == 2.0 else "mc"), plan
+        _check_against_trace_elbo(elbo, transformed_model, transformed_guide, params, arg)
+
+
+def chain_model(couple=False):
+    z2 = pyro.sample("z2", dist.Normal(0.0, 1.0))
+    z1 = pyro.sample("z1", dist.Normal(0.9 * z2, 1.0))
+    pyro.sample("x", dist.Normal(z1, 1.0), obs=torch.tensor(0.4))
+
+
+def chain_guide(couple=False):
+    z1 = pyro.sample("z1", dist.Normal(pyro.param("a"), 0.8))
+    loc = pyro.param("b") + (1.2 * z1 if couple else 0.0)
+    pyro.sample("z2", dist.Normal(loc, 0.6))
+
+
+def test_keyword_flag_rewires_the_guide():
+    """Same sites, shapes and order; a flag decides whether z2 depends on z1 in the guide."""
+    params = list(fresh_params(a=0.7, b=-0.3).values())
+    elbo = TraceMarkovKL_ELBO(**KWARGS)
+    for couple in (False, True, False):
+        plan = elbo.explain(chain_model, chain_guide, couple=couple)
+        # z1's model parent z2 is a guide descendant of z1 exactly when coupled
+        assert plan.sites["z1"].estimator == ("mc" if couple else "analytic"), plan
+        _check_against_trace_elbo(elbo, chain_model, chain_guide, params, couple=couple)
+
+
+def test_positional_flag_rewires_the_guide():
+    params = list(fresh_params(a=0.7, b=-0.3).values())
+    elbo = TraceMarkovKL_ELBO(**KWARGS)
+    for couple in (False, True):
+        assert elbo.explain(chain_model, chain_guide, couple).sites["z1"].estimator == (
+            "mc" if couple else "analytic"
+        )
+        _check_against_trace_elbo(elbo, chain_model, chain_guide, params, couple)
+
+
+def normal_model():
+    pyro.sample("z", dist.Normal(0.0, 1.0))
+
+
+def normal_guide():
+    pyro.sample("z", dist.Normal(pyro.param("loc"), 1.0))
+
+
+def test_kl_rules_changed_after_the_first_step():
+    fresh_params(loc=0.5)
+    elbo = TraceMarkovKL_ELBO()
+    before = elbo.loss(normal_model, normal_guide)
+    assert before == pytest.approx(0.125)  # KL(N(0.5, 1) || N(0, 1)), analytic
+    elbo.kl_rules = {
+        (dist.Normal, dist.Normal): lambda q, p: torch.distributions.kl_divergence(q, p) + 1.0
+    }
+    assert elbo.loss(normal_model, normal_guide) == pytest.approx(1.125)
+    assert "scoped" in elbo.explain(normal_model, normal_guide).sites["z"].reason
+    elbo.kl_rules.clear()  # changed in place
+    assert elbo.loss(normal_model, normal_guide) == pytest.approx(0.125)
+
+
+def test_leave_one_out_baseline_changed_after_the_first_step():
+    def model():
+        with pyro.plate("n", 4):
+            k = pyro.sample("k", dist.Bernoulli(0.3))
+            pyro.sample("x", dist.Normal(k, 1.0), obs=torch.zeros(4))
+
+    def guide():
+        with pyro.plate("n", 4):
+            pyro.sample("k", dist.Bernoulli(logits=pyro.param("t")))
+
+    fresh_params(t=0.1)
+    elbo = TraceMarkovKL_ELBO()
+    assert elbo.explain(model, guide).sites["k"].baseline.startswith("leave-one-out")
+    elbo.leave_one_out_baseline = False
+    assert not elbo.explain(model, guide).sites["k"].baseline_frames
