@@ -676,6 +676,13 @@ def random_program(seed: int) -> Program:
     p_det = 0.7 if focus == "det" else 0.25
     p_obs = 0.7 if focus == "obs" else 0.25
     p_factor = 0.5 if focus == "factor" else 0.15
+    p_gdet = 0.5 if focus == "det" else 0.2
+    if focus in ("flag", "transform") and (seed // 5) % 2:
+        # switches alone: no recorded values or latent factors, so that on a plan cache that
+        # ignores the switch nothing but the stale plan can fail
+        p_det = p_obs = p_gdet = 0.0
+        exact = True
+    no_latent_factors = p_det == 0.0
 
     def fn_for(src, positive=False):
         gauss = kinds[src] == "normal"
@@ -740,6 +747,7 @@ def random_program(seed: int) -> Program:
     for node in model:
         if node.kind != "det":
             sources = [s for s in seen if exact is False or kinds[s] in DISCRETE]
+            sources = [] if no_latent_factors else sources
             if rng.random() < p_factor:
                 if sources and rng.random() < 0.75:
                     src = rng.choice(sources)
@@ -785,7 +793,7 @@ def random_program(seed: int) -> Program:
         gvals.append(name)
         if kind in DISCRETE:
             gdiscrete.add(name)
-        if rng.random() < (0.5 if focus == "det" else 0.2):
+        if rng.random() < p_gdet:
             dname = f"g_{name}"
             guide.append(GNode(dname, "det", source=name, fn=fn_for(name)))
             gvals.append(dname)
@@ -797,32 +805,42 @@ def random_program(seed: int) -> Program:
         t = next(n.transform for n in guide if n.transform is not None)
         prog_settings = [{"tq": 1.5}, {"tq": 2.5}] if t.key == "tq" else [{"wide": False}, {"wide": True}]
     elif focus == "flag":
-        # a switched guide edge parent -> child, preferably one that makes a model input of
-        # the parent its guide descendant, or a discrete parent's downstream grow
+        # a guide edge parent -> child used only under the second setting, chosen among those
+        # that change what the plan must say (a site that must become Monte Carlo, or a
+        # discrete site's cost), if any
         key, values = rng.choice([("flag", (False, True)), ("wiring", ("plain", "rewired"))])
+        prog_settings = [{key: values[0]}, {key: values[1]}]
         pos = {n.name: i for i, n in enumerate(guide)}
         cands = []
         for child in guide:
             if child.kind == "det":
                 continue
             for parent in guide[: pos[child.name]]:
-                if parent.name in child.parents or parent.kind == "det":
+                if child.kind in DISCRETE and parent.name not in gdiscrete:
                     continue
-                if child.kind in DISCRETE and parent.kind not in DISCRETE:
-                    continue
-                src = parent.name
-                good = child.name in model_inputs_raw(model, src, model_scale, model_mask) or kinds[src] in DISCRETE
-                cands.append((good, child, parent))
-        good = [c for c in cands if c[0]] or cands
-        if good:
-            _, child, parent = rng.choice(good)
-            child.parents[parent.name] = (
-                tuple(_sign(rng, 0.3, 1.0) for _ in range(3)) if child.kind == "categorical" else _sign(rng, 0.5, 1.0)
-            )
+                cands.append((child, parent))
+        if cands:
+            good = []
+            for child, parent in cands:
+                trial = Program(seed, focus, model, guide, model_scale, model_mask)
+                old = dict(child.parents), dict(child.switch)
+                child.parents.setdefault(parent.name, 0.5)
+                child.switch[parent.name] = (key, values[1])
+                a, b = prog_settings
+                if must_be_mc(trial, a) != must_be_mc(trial, b) or any(
+                    required_downstream(trial, r, a) != required_downstream(trial, r, b)
+                    for r in trial.discretes
+                ):
+                    good.append((child, parent))
+                child.parents, child.switch = old
+            child, parent = rng.choice(good or cands)
+            if parent.name not in child.parents:
+                child.parents[parent.name] = (
+                    tuple(_sign(rng, 0.3, 1.0) for _ in range(3))
+                    if child.kind == "categorical"
+                    else _sign(rng, 0.5, 1.0)
+                )
             child.switch[parent.name] = (key, values[1])
-            if parent.kind in DISCRETE:
-                gdiscrete.add(parent.name)
-        prog_settings = [{key: values[0]}, {key: values[1]}]
 
     # guide factors on Gaussian sites, from latents sampled earlier in the guide
     guide_scale, guide_mask = {}, {}
@@ -830,6 +848,7 @@ def random_program(seed: int) -> Program:
     for node in guide:
         if node.kind == "normal":
             sources = [s for s in gseen if exact is False or kinds[s] in DISCRETE]
+            sources = [] if no_latent_factors else sources
             if sources and rng.random() < p_factor:
                 src = rng.choice(sources)
                 guide_scale[node.name] = Scale(src, fn_for(src, positive=True))
@@ -840,17 +859,3 @@ def random_program(seed: int) -> Program:
         if node.kind in LATENT:
             gseen.append(node.name)
     return Program(seed, focus, model, guide, model_scale, model_mask, guide_scale, guide_mask, prog_settings)
-
-
-def model_inputs_raw(model, name, model_scale, model_mask) -> set:
-    """Like :func:`model_inputs` on a model under construction."""
-    nodes = {n.name: n for n in model}
-    node = nodes[name]
-    out = set()
-    for p in node.parents:
-        pn = nodes[p]
-        out.add(pn.source if pn.kind in ("det", "obs") and pn.source else p)
-    for f in (model_scale.get(name), model_mask.get(name)):
-        if f is not None and f.source is not None:
-            out.add(f.source)
-    return out
