@@ -262,11 +262,10 @@ def _val(values, name):
     return values[name].to(DTYPE)
 
 
-def _linear(values, parents, loc, categorical, coef=lambda p, c: c):
+def _linear(values, parents, loc, categorical):
     """``loc + sum_j c_j v_j``; for a categorical, a 3-vector per particle."""
     out = loc if torch.is_tensor(loc) else _t(loc)
     for parent, c in parents.items():
-        c = coef(parent, c)
         c = c if torch.is_tensor(c) else _t(c)
         v = _val(values, parent)
         out = out + (c * v.unsqueeze(-1) if categorical else c * v)
@@ -355,8 +354,8 @@ def _domain(kind):
 
 def _log_pmf(kind, logits, k):
     if kind == "bernoulli":
-        return -torch.nn.functional.softplus(-logits) if k else -torch.nn.functional.softplus(
-            logits
+        return (
+            -torch.nn.functional.softplus(-logits) if k else -torch.nn.functional.softplus(logits)
         )
     return torch.log_softmax(logits, -1)[k]
 
@@ -381,7 +380,7 @@ def exact_elbo(prog: Program, params: Dict[str, torch.Tensor], kwargs: dict) -> 
             e[idx[g]] = 1.0
             vals[g] = (e, _t(0.0))
 
-        def apply(fn, src):
+        def apply(fn, src, vals=vals):
             u, c = vals[src]
             if prog.kinds[src] == "normal":  # affine (lin) by exactness
                 return fn.a * u, fn.a * c + fn.b
@@ -390,7 +389,7 @@ def exact_elbo(prog: Program, params: Dict[str, torch.Tensor], kwargs: dict) -> 
         def const(x):  # a factor value, constant given the config
             return x if torch.is_tensor(x) else _t(float(x))
 
-        def weight(scale, mask):
+        def weight(scale, mask, vals=vals):
             w = _t(1.0)
             if scale is not None:
                 w = w * const(scale.c if scale.source is None else scale.fn(vals[scale.source][1]))
@@ -401,7 +400,7 @@ def exact_elbo(prog: Program, params: Dict[str, torch.Tensor], kwargs: dict) -> 
 
         # guide: discrete probability and the Gaussian linear system
         log_qk = _t(0.0)
-        rows, fvec, gvec, logg = [], [None] * n, [None] * n, {}
+        rows, fvec, gvec = [], [None] * n, [None] * n
         E = torch.zeros(n, n, dtype=DTYPE)
         guide_terms = _t(0.0)
         for node in prog.guide:
@@ -436,7 +435,7 @@ def exact_elbo(prog: Program, params: Dict[str, torch.Tensor], kwargs: dict) -> 
         else:
             m, S = zero, torch.zeros(0, 0, dtype=DTYPE)
 
-        def gauss_logp(ru, rc, s):  # E log N(r; 0, s) for r = ru . z + rc
+        def gauss_logp(ru, rc, s, m=m, S=S):  # E log N(r; 0, s) for r = ru . z + rc
             sq = ru @ S @ ru + (ru @ m + rc) ** 2
             return -0.5 * LOG_2PI - math.log(s) - 0.5 * sq / s**2
 
@@ -462,7 +461,9 @@ def exact_elbo(prog: Program, params: Dict[str, torch.Tensor], kwargs: dict) -> 
                     mu, mc, s = t * mu, TLOC + t * mc, abs(t) * s
                 vu, vc = vals[node.name]
             else:  # obs
-                vu, vc = (zero, _t(node.data)) if node.source is None else apply(node.fn, node.source)
+                vu, vc = (
+                    (zero, _t(node.data)) if node.source is None else apply(node.fn, node.source)
+                )
                 vals[node.name] = (vu, vc)
             model_terms = model_terms + w * gauss_logp(vu - mu, vc - mc, s)
         total = total + log_qk.exp() * (model_terms - guide_terms - log_qk)
@@ -574,11 +575,24 @@ def plan_failures(plan, prog: Program, kwargs: dict) -> List[str]:
             )
         missing = model_inputs(prog, name) - set(rec.model_parents)
         if missing:
-            failures.append(f"{name}: model_parents {sorted(rec.model_parents)} lack {sorted(missing)}")
+            failures.append(
+                f"{name}: model_parents {sorted(rec.model_parents)} lack {sorted(missing)}"
+            )
+        gnode = prog.gnodes[name]
+        if gnode.transform is not None:
+            equal = gnode.transform.value(kwargs) == prog.mnodes[name].transform
+            rule = getattr(rec.kl_rule, "description", "") or ""
+            if not equal and "equal transforms" in rule:
+                failures.append(f"{name}: unequal transforms {kwargs} but the KL rule is {rule!r}")
+            clash = set(rec.model_parents) & set(rec.guide_descendants)
+            if equal and not clash and name not in mc and rec.estimator != "analytic":
+                failures.append(f"{name}: equal transforms {kwargs} but {rec.reason!r}")
         if prog.kinds[name] in DISCRETE:
             missing = required_downstream(prog, name, kwargs) - set(rec.downstream)
             if missing:
-                failures.append(f"{name}: downstream {list(rec.downstream)} lacks {sorted(missing)}")
+                failures.append(
+                    f"{name}: downstream {list(rec.downstream)} lacks {sorted(missing)}"
+                )
     return failures
 
 
@@ -606,11 +620,14 @@ def coordinates(prog: Program) -> List[str]:
     return out
 
 
-def run_batches(elbo, prog: Program, settings: List[dict], num_batches: int, seed: int):
+def run_batches(
+    elbo, prog: Program, settings: List[dict], num_batches: int, seed: int, model=None, guide=None
+):
     """``num_batches`` calls of ``elbo.differentiable_loss`` per setting, the settings
-    alternating call by call on the same ``elbo`` (so a plan built for one setting is
-    offered to the next)."""
-    model, guide = make_model(prog), make_guide(prog)
+    alternating call by call on the same ``elbo`` and callables (so a plan built for one
+    setting is offered to the next)."""
+    model = make_model(prog) if model is None else model
+    guide = make_guide(prog) if guide is None else guide
     pyro.set_rng_seed(seed)
     params = register_params(prog)
     leaves = list(params.values())
@@ -622,7 +639,10 @@ def run_batches(elbo, prog: Program, settings: List[dict], num_batches: int, see
             out[i].losses.append(loss.detach().reshape(()))
             out[i].grads.append(
                 torch.cat(
-                    [(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(leaves, gs)]
+                    [
+                        (torch.zeros_like(p) if g is None else g).reshape(-1)
+                        for p, g in zip(leaves, gs)
+                    ]
                 )
             )
     return out
@@ -648,7 +668,8 @@ def compare(label, coords, a, b=None, exact=None, n_se=5.0, abs_tol=1e-7):
         zmax = max(zmax, z)
         if z > n_se:
             failures.append(
-                f"{label} {what}: {m.item():.6g} vs {ref.item():.6g} (SE {se.item():.3g}, z={z:.1f})"
+                f"{label} {what}: {m.item():.6g} vs {ref.item():.6g} "
+                f"(SE {se.item():.3g}, z={z:.1f})"
             )
     return failures, zmax
 
@@ -669,7 +690,10 @@ def random_program(seed: int) -> Program:
     rng = random.Random(seed)
     focus = FOCI[seed % len(FOCI)]
     exact = rng.random() < 0.7
-    kinds = {f"r{i}": rng.choice(["bernoulli", "bernoulli", "categorical"]) for i in range(rng.randint(1, 2))}
+    kinds = {
+        f"r{i}": rng.choice(["bernoulli", "bernoulli", "categorical"])
+        for i in range(rng.randint(1, 2))
+    }
     kinds.update({f"z{i}": "normal" for i in range(rng.randint(2, 3))})
     latents = list(kinds)
     rng.shuffle(latents)
@@ -689,13 +713,22 @@ def random_program(seed: int) -> Program:
         if positive:
             if gauss:
                 return Fn("exp", _sign(rng, 0.1, 0.4))
-            return rng.choice([Fn("exp", _sign(rng, 0.2, 0.7)), Fn("pos", rng.uniform(0.3, 1.5), rng.uniform(0.3, 1.0))])
+            return rng.choice(
+                [
+                    Fn("exp", _sign(rng, 0.2, 0.7)),
+                    Fn("pos", rng.uniform(0.3, 1.5), rng.uniform(0.3, 1.0)),
+                ]
+            )
         if gauss and (exact or rng.random() < 0.5):
             return Fn("lin", _sign(rng, 0.5, 1.5), rng.uniform(-0.5, 0.5))
         if gauss:
             return Fn("tanh", _sign(rng, 0.8, 2.0), rng.uniform(-0.5, 0.5))
-        return rng.choice([Fn("lin", _sign(rng, 0.5, 1.5), rng.uniform(-0.5, 0.5)),
-                           Fn("sq", _sign(rng, 0.5, 1.2), rng.uniform(-0.5, 0.5))])
+        return rng.choice(
+            [
+                Fn("lin", _sign(rng, 0.5, 1.5), rng.uniform(-0.5, 0.5)),
+                Fn("sq", _sign(rng, 0.5, 1.2), rng.uniform(-0.5, 0.5)),
+            ]
+        )
 
     # model order: latents interleaved with recorded values of them
     order: List[Tuple[str, str, Optional[str]]] = []  # (name, kind, source)
@@ -713,10 +746,19 @@ def random_program(seed: int) -> Program:
             model.append(MNode(name, "det", source=src, fn=fn_for(src)))
         else:
             cat = kind == "categorical"
-            allowed = [p for p in earlier if kind == "normal" or kind == "obs" or p in discrete_valued]
+            allowed = [
+                p for p in earlier if kind == "normal" or kind == "obs" or p in discrete_valued
+            ]
             chosen = [p for p in allowed if rng.random() < 0.5][:3]
             if kind in DISCRETE:
-                coef = {p: (tuple(_sign(rng, 0.5, 1.5) for _ in range(3)) if cat else _sign(rng, 0.5, 1.5)) for p in chosen}
+                coef = {
+                    p: (
+                        tuple(_sign(rng, 0.5, 1.5) for _ in range(3))
+                        if cat
+                        else _sign(rng, 0.5, 1.5)
+                    )
+                    for p in chosen
+                }
                 loc = tuple(rng.uniform(-1, 1) for _ in range(3)) if cat else rng.uniform(-1, 1)
             else:
                 coef = {p: _sign(rng, 0.3, 1.2) for p in chosen}
@@ -737,7 +779,16 @@ def random_program(seed: int) -> Program:
             other = rng.choice(earlier)
             if other != u and rng.random() < 0.5:
                 pa[other] = _sign(rng, 0.3, 1.0)
-            model.append(MNode(f"y_{u}", "obs", pa, rng.uniform(-0.5, 0.5), rng.uniform(0.6, 1.5), data=rng.uniform(-2, 2)))
+            model.append(
+                MNode(
+                    f"y_{u}",
+                    "obs",
+                    pa,
+                    rng.uniform(-0.5, 0.5),
+                    rng.uniform(0.6, 1.5),
+                    data=rng.uniform(-2, 2),
+                )
+            )
     if focus == "transform" and not any(n.transform for n in model):
         next(n for n in model if n.kind == "normal").transform = 1.5
 
@@ -757,7 +808,11 @@ def random_program(seed: int) -> Program:
             if rng.random() < p_factor:
                 if sources and rng.random() < 0.8:
                     src = rng.choice(sources)
-                    c = rng.uniform(-0.5, 0.5) if kinds[src] == "normal" else (0.5 if kinds[src] == "bernoulli" else rng.choice([0.5, 1.5]))
+                    c = (
+                        rng.uniform(-0.5, 0.5)
+                        if kinds[src] == "normal"
+                        else (0.5 if kinds[src] == "bernoulli" else rng.choice([0.5, 1.5]))
+                    )
                     model_mask[node.name] = Mask(src, c)
                 else:
                     model_mask[node.name] = Mask(c=rng.random() < 0.5)
@@ -781,14 +836,19 @@ def random_program(seed: int) -> Program:
         allowed = [p for p in gvals if kind == "normal" or p in gdiscrete]
         chosen = [p for p in allowed if rng.random() < 0.5][:2]
         if kind in DISCRETE:
-            coef = {p: (tuple(_sign(rng, 0.3, 1.0) for _ in range(3)) if cat else _sign(rng, 0.3, 1.0)) for p in chosen}
+            coef = {
+                p: (tuple(_sign(rng, 0.3, 1.0) for _ in range(3)) if cat else _sign(rng, 0.3, 1.0))
+                for p in chosen
+            }
             loc = tuple(rng.uniform(-1, 1) for _ in range(3)) if cat else rng.uniform(-1, 1)
         else:
             coef = {p: _sign(rng, 0.2, 0.9) for p in chosen}
             loc = rng.uniform(-1, 1)
         node = GNode(name, kind, coef, loc, rng.uniform(0.4, 1.2))
         if mby[name].transform is not None:
-            node.transform = TSwitch("tq") if seed % 2 else TSwitch("wide", ((False, 1.5), (True, 2.5)))
+            node.transform = (
+                TSwitch("tq") if seed % 2 else TSwitch("wide", ((False, 1.5), (True, 2.5)))
+            )
         guide.append(node)
         gvals.append(name)
         if kind in DISCRETE:
@@ -803,7 +863,9 @@ def random_program(seed: int) -> Program:
     prog_settings: List[dict] = [{}]
     if focus == "transform":
         t = next(n.transform for n in guide if n.transform is not None)
-        prog_settings = [{"tq": 1.5}, {"tq": 2.5}] if t.key == "tq" else [{"wide": False}, {"wide": True}]
+        prog_settings = (
+            [{"tq": 1.5}, {"tq": 2.5}] if t.key == "tq" else [{"wide": False}, {"wide": True}]
+        )
     elif focus == "flag":
         # a guide edge parent -> child used only under the second setting, chosen among those
         # that change what the plan must say (a site that must become Monte Carlo, or a
@@ -858,4 +920,6 @@ def random_program(seed: int) -> Program:
                 guide_mask[node.name] = Mask(src, c)
         if node.kind in LATENT:
             gseen.append(node.name)
-    return Program(seed, focus, model, guide, model_scale, model_mask, guide_scale, guide_mask, prog_settings)
+    return Program(
+        seed, focus, model, guide, model_scale, model_mask, guide_scale, guide_mask, prog_settings
+    )
