@@ -9,6 +9,7 @@ from collections import OrderedDict
 from typing import Any, Callable
 
 from pyro.poutine.trace_struct import Trace
+from pyro.util import ignore_jit_warnings
 
 from .kl import registry_version
 from .plan import StructureKey, structure_key
@@ -38,7 +39,12 @@ class PlanCache(OrderedDict):
         built by ``build()`` (and kept) if there is none. The key also holds
         the KL registries' version, so a new registration is seen.
         """
-        key = StructureKey((owner, registry_version(), structure_key(model_trace, guide_trace)))
+        # under Pyro's JIT sizes are traced tensors; reading them is intended (a compiled
+        # graph has one structure) and must not warn: a TracerWarning raised as an error
+        # inside torch's __int__ surfaces as SystemError
+        with ignore_jit_warnings():
+            skey = structure_key(model_trace, guide_trace)
+        key = StructureKey((owner, registry_version(), skey))
         plan = self.get(key)
         if plan is not None:
             self.move_to_end(key)
