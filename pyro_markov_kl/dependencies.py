@@ -182,38 +182,36 @@ def no_side_effects() -> Iterator[None]:
       :func:`pyro.util.get_rng_state`);
     * the buffers of every :class:`torch.nn.Module` called inside, and of its
       submodules (BatchNorm's ``running_mean``, ``running_var`` and
-      ``num_batches_tracked``, ...), restored in place, and put back if
-      reassigned; modules are found by a global forward pre-hook
-      (:func:`torch.nn.modules.module.register_module_forward_pre_hook`) that
-      snapshots them before their first call;
+      ``num_batches_tracked``, ...): a global forward pre-hook
+      (:func:`torch.nn.modules.module.register_module_forward_pre_hook`) gives
+      each module copies of its buffers before its first call, and the
+      originals are put back on exit. The originals are never written to, so
+      their autograd version counters do not change: the graph of the step
+      being analysed (which saved them, e.g. for BatchNorm's backward) stays
+      valid;
     * the param store: params it did not hold before are removed.
     """
-    snapshots: Dict[int, Tuple[torch.nn.Module, Dict[str, Tuple[torch.Tensor, torch.Tensor]]]] = {}
+    originals: Dict[int, Tuple[torch.nn.Module, Dict[str, torch.Tensor]]] = {}
 
-    def snapshot(module: torch.nn.Module, inputs: Any) -> None:
+    def swap_buffers(module: torch.nn.Module, inputs: Any) -> None:
         for sub in module.modules():
-            if id(sub) in snapshots:
+            if id(sub) in originals:
                 continue
+            saved = {name: buf for name, buf in sub._buffers.items() if buf is not None}
+            originals[id(sub)] = (sub, saved)
             with torch.no_grad():
-                saved = {
-                    name: (buf, buf.detach().clone())
-                    for name, buf in sub._buffers.items()
-                    if buf is not None
-                }
-            snapshots[id(sub)] = (sub, saved)
+                for name, buf in saved.items():
+                    sub._buffers[name] = buf.detach().clone()
 
     rng_state = get_rng_state()
     param_names = set(pyro.get_param_store().keys())
-    handle = register_module_forward_pre_hook(snapshot)
+    handle = register_module_forward_pre_hook(swap_buffers)
     try:
         yield
     finally:
         handle.remove()
-        with torch.no_grad():
-            for module, saved in snapshots.values():
-                for name, (buf, copy) in saved.items():
-                    module._buffers[name] = buf
-                    buf.copy_(copy)
+        for module, saved in originals.values():
+            module._buffers.update(saved)
         store = pyro.get_param_store()
         for name in set(store.keys()) - param_names:
             del store[name]
