@@ -15,7 +15,7 @@ from .kl import (
     register_kl,
 )
 from .plan import Plan, SiteRecord
-from .trace_enum_markov_kl_elbo import EnumPlan, TraceEnumMarkovKL_ELBO
+from .trace_enum_markov_kl_elbo import EnumPlan, JitTraceEnumMarkovKL_ELBO, TraceEnumMarkovKL_ELBO
 from .trace_markov_kl_elbo import JitTraceMarkovKL_ELBO, TraceMarkovKL_ELBO
 
 
@@ -31,6 +31,7 @@ def __getattr__(name: str):
 __all__ = [
     "ELBOComparison",
     "EnumPlan",
+    "JitTraceEnumMarkovKL_ELBO",
     "JitTraceMarkovKL_ELBO",
     "KLDivergenceError",
     "KLRule",

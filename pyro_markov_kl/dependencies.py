@@ -8,14 +8,17 @@ in the model run on the guide's replayed samples.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Callable, Dict, Mapping, Tuple
+from typing import Any, Callable, Dict, Iterator, Mapping, Tuple
 
 import pyro
 import torch
 from pyro import poutine
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
+from pyro.util import get_rng_state, set_rng_state
+from torch.nn.modules.module import register_module_forward_pre_hook
 
 from .provenance import DependencyTracker
 
@@ -149,24 +152,79 @@ def analyse_dependencies(
 ) -> Tuple[ProgramDependencies, ProgramDependencies]:
     """
     Run the guide, then the model, replayed on the values of ``guide_trace``
-    under dependency tracking.
+    under dependency tracking. For a
+    :class:`~pyro.poutine.guide.GuideMessenger` guide, which runs the model
+    itself, one run of the guide is analysed instead
+    (:func:`~pyro_markov_kl.guide_messenger.analyse_guide_messenger`).
 
     The runs are hidden from enclosing handlers, run with validation off (its
     checks read values into Python but cannot change the result) and without
-    autograd, outside any JIT trace, and leave the random number generator as
-    they found it, so that analysing a step changes nothing about the step.
+    autograd, outside any JIT trace, and leave no trace of themselves
+    (:func:`no_side_effects`: random number generators, module buffers such
+    as BatchNorm's running statistics, the param store), so that analysing a
+    step changes nothing about the step.
 
     :param guide_trace: a trace of ``guide`` (with its subsample sites)
     :returns: the guide's and the model's dependencies
     """
+    from .guide_messenger import analyse_guide_messenger, is_guide_messenger
+
     # without autograd: dependencies are found at the dispatcher, below autograd, so the
     # result is the same, and no graph is kept alive
     tracing_state = torch._C._get_tracing_state()
     torch._C._set_tracing_state(None)  # the analysis is never part of a JIT-compiled graph
     try:
-        with torch.random.fork_rng(devices=[]), pyro.validation_enabled(False), torch.no_grad():
+        with no_side_effects(), pyro.validation_enabled(False), torch.no_grad():
+            if is_guide_messenger(guide):
+                return analyse_guide_messenger(guide, guide_trace, args, kwargs)
             guide_deps = _run_tracked(guide, guide_trace, args, kwargs)
             model_deps = _run_tracked(model, guide_trace, args, kwargs)
     finally:
         torch._C._set_tracing_state(tracing_state)
     return guide_deps, model_deps
+
+
+@contextlib.contextmanager
+def no_side_effects() -> Iterator[None]:
+    """
+    Undo, on exit, what running a model and a guide once more changes besides
+    its result:
+
+    * the random number generators (torch's, CUDA's, Python's and NumPy's, as
+      :func:`pyro.util.get_rng_state`);
+    * the buffers of every :class:`torch.nn.Module` called inside, and of its
+      submodules (BatchNorm's ``running_mean``, ``running_var`` and
+      ``num_batches_tracked``, ...): a global forward pre-hook
+      (:func:`torch.nn.modules.module.register_module_forward_pre_hook`) gives
+      each module copies of its buffers before its first call, and the
+      originals are put back on exit. The originals are never written to, so
+      their autograd version counters do not change: the graph of the step
+      being analysed (which saved them, e.g. for BatchNorm's backward) stays
+      valid;
+    * the param store: params it did not hold before are removed.
+    """
+    originals: Dict[int, Tuple[torch.nn.Module, Dict[str, torch.Tensor]]] = {}
+
+    def swap_buffers(module: torch.nn.Module, inputs: Any) -> None:
+        for sub in module.modules():
+            if id(sub) in originals:
+                continue
+            saved = {name: buf for name, buf in sub._buffers.items() if buf is not None}
+            originals[id(sub)] = (sub, saved)
+            with torch.no_grad():
+                for name, buf in saved.items():
+                    sub._buffers[name] = buf.detach().clone()
+
+    rng_state = get_rng_state()
+    param_names = set(pyro.get_param_store().keys())
+    handle = register_module_forward_pre_hook(swap_buffers)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for module, saved in originals.values():
+            module._buffers.update(saved)
+        store = pyro.get_param_store()
+        for name in set(store.keys()) - param_names:
+            del store[name]
+        set_rng_state(rng_state)

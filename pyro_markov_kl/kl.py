@@ -42,6 +42,7 @@ from typing import Any, Callable, Dict, Iterator, Mapping, NamedTuple, Optional,
 import torch
 import torch.distributions.kl as _torch_kl
 from pyro.distributions.torch_distribution import ExpandedDistribution
+from pyro.util import ignore_jit_warnings
 from torch import Tensor
 from torch.distributions import Distribution, Independent
 
@@ -590,8 +591,11 @@ def compute_kl(
         if hasattr(e, "add_note"):
             e.add_note(f"while computing {_where(name, q, p)} with {rule.description}")
         raise
-    expected = torch.broadcast_shapes(q.batch_shape, p.batch_shape)
-    if not isinstance(kl, Tensor) or kl.shape != expected:
+    # shapes are constants of a compiled graph: no TracerWarning (an error under -W error)
+    with ignore_jit_warnings():
+        expected = torch.broadcast_shapes(q.batch_shape, p.batch_shape)
+        bad_shape = not isinstance(kl, Tensor) or kl.shape != expected
+    if bad_shape:
         raise _shape_error(name, q, p, rule, kl, expected)
     if check_values is None:
         check_values = not _skip_value_checks()

@@ -38,6 +38,7 @@ Statist. 22(1), 1951.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import torch
@@ -54,7 +55,13 @@ from torch.distributions import (
     Normal,
     TransformedDistribution,
 )
-from torch.distributions.transforms import Transform
+from torch.distributions.transforms import (
+    AffineTransform,
+    ComposeTransform,
+    IndependentTransform,
+    Transform,
+    _InverseTransform,
+)
 
 from .kl import KLDivergenceError, KLRule, distribution_name
 
@@ -456,7 +463,9 @@ def _any_tensor(obj: Any, pred: Callable[[Tensor], bool], seen: Optional[set] = 
     if id(obj) in seen:
         return False
     seen.add(id(obj))
-    if isinstance(obj, (Transform, torch.nn.Module)):
+    if isinstance(obj, Transform):  # not its cache (x, y): values, not parameters
+        obj = {k: v for k, v in vars(obj).items() if k != "_cached_x_y"}
+    elif isinstance(obj, torch.nn.Module):
         obj = vars(obj)
     if isinstance(obj, dict):
         obj = list(obj.values())
@@ -490,6 +499,42 @@ def _transforms_match(tq: Transform, tp: Transform) -> Optional[str]:
     return None
 
 
+def _is_identity(t: Transform) -> bool:
+    """Whether ``t`` is the identity: an empty composition, ``AffineTransform(0, 1)``, ..."""
+    if isinstance(t, _InverseTransform):
+        return _is_identity(t.inv)
+    if isinstance(t, ComposeTransform):
+        return all(_is_identity(part) for part in t.parts)
+    if isinstance(t, IndependentTransform):
+        return _is_identity(t.base_transform)
+    if isinstance(t, AffineTransform):
+        loc, scale = t.loc, t.scale
+        return (
+            isinstance(loc, numbers.Number)
+            and isinstance(scale, numbers.Number)
+            and loc == 0
+            and scale == 1
+        )
+    return False
+
+
+def canonical_transforms(transforms: Any) -> list:
+    """
+    ``transforms`` with compositions flattened and identities left out: e.g.
+    ``[ComposeTransform([ExpTransform(), AffineTransform(0., 1.)])]`` (torch's
+    ``biject_to(constraints.positive)``, as autoguides use) is ``[ExpTransform()]``
+    (LogNormal's), and ``biject_to(constraints.real)`` is ``[]``. Event
+    dimensions are accounted for separately (:func:`_transformed_extra_dims`).
+    """
+    result: list = []
+    for t in transforms:
+        if isinstance(t, ComposeTransform):
+            result.extend(canonical_transforms(t.parts))
+        elif not _is_identity(t):
+            result.append(t)
+    return result
+
+
 def _transformed_extra_dims(d: TransformedDistribution) -> int:
     # Mirrors TransformedDistribution.log_prob's event-dim bookkeeping.
     event_dim = len(d.event_shape)
@@ -511,12 +556,13 @@ def _build_transformed(q: Any, p: Any, resolve: Resolver) -> Union[KLRule, str]:
     :math:`x = T^{-1}(y)` (the Jacobian terms cancel), summed over the batch
     dims of the bases that the transforms reinterpret as event dims.
 
-    Transforms are compared pairwise: the same object, or the same type and
-    ``==`` when neither holds a tensor requiring grad (e.g. ``ExpTransform()``,
-    ``AffineTransform(0., 2.)``, constant tensors). Otherwise the rule
-    declines and the KL is estimated by Monte Carlo.
+    Transforms are compared pairwise after flattening compositions and
+    leaving out identities (:func:`canonical_transforms`): the same object, or
+    the same type and ``==`` when neither holds a tensor requiring grad (e.g.
+    ``ExpTransform()``, ``AffineTransform(0., 2.)``, constant tensors).
+    Otherwise the rule declines and the KL is estimated by Monte Carlo.
     """
-    tq, tp = q.transforms, p.transforms
+    tq, tp = canonical_transforms(q.transforms), canonical_transforms(p.transforms)
     if len(tq) != len(tp):
         return f"transforms differ: {tq!r} vs {tp!r}"
     for a, b in zip(tq, tp):
@@ -538,7 +584,7 @@ def _build_transformed(q: Any, p: Any, resolve: Resolver) -> Union[KLRule, str]:
     recheck = [i for i, (a, b) in enumerate(zip(tq, tp)) if a is not b and _holds_tensors(a)]
 
     def _kl_transformed_transformed(q: Any, p: Any) -> Tensor:
-        tq, tp = q.transforms, p.transforms
+        tq, tp = canonical_transforms(q.transforms), canonical_transforms(p.transforms)
         if len(tq) != len(tp) or any(
             a is not b and (type(a) is not type(b) or (i in recheck and not bool(a == b)))
             for i, (a, b) in enumerate(zip(tq, tp))
@@ -550,6 +596,64 @@ def _build_transformed(q: Any, p: Any, resolve: Resolver) -> Union[KLRule, str]:
         _kl_transformed_transformed,
         f"TransformedDistribution with equal transforms of [{inner.description}]",
     )
+
+
+@_builtin(TransformedDistribution, Distribution)
+def _build_identity_transformed(q: Any, p: Any, resolve: Resolver) -> Union[KLRule, str]:
+    r"""
+    A guide distribution whose transforms are identities (as
+    :class:`~pyro.infer.autoguide.AutoNormalMessenger` builds for a site with
+    real support: a ``TransformedDistribution`` of a Normal by
+    ``biject_to(constraints.real)``) is its base distribution:
+    :math:`\mathrm{KL}(q_0 \,\|\, p)`.
+    """
+    q0 = _simplify_transformed(q)
+    if q0 is None:
+        return f"no kl_divergence registered for ({type(q).__name__}, {type(p).__name__})"
+    inner, reason = resolve(q0, p)
+    if inner is None:
+        return f"inside TransformedDistribution: {reason}"
+    inner_fn = inner.fn
+
+    def _kl_identity_transformed(q: Any, p: Any) -> Tensor:
+        q0 = _simplify_transformed(q) if isinstance(q, TransformedDistribution) else None
+        if q0 is None:
+            raise _stale("identity or affine transforms of a Normal")
+        return inner_fn(q0, p)
+
+    return _rule(
+        _kl_identity_transformed,
+        "TransformedDistribution with identity or affine transforms, as the base "
+        f"[{inner.description}]",
+    )
+
+
+def _simplify_transformed(q: TransformedDistribution) -> Optional[Distribution]:
+    r"""
+    ``q`` as a distribution without transforms, or ``None``: its base if its
+    transforms are identities (as :class:`~pyro.infer.autoguide.AutoNormalMessenger`
+    builds for real support), or a Normal if they are one
+    :class:`~torch.distributions.transforms.AffineTransform` of a Normal or
+    ``Independent`` Normal (as :class:`~pyro.infer.autoguide.AutoRegressiveMessenger`
+    builds from a Normal prior): :math:`a + bX \sim \mathcal{N}(a + b\mu, |b|\sigma)`.
+    """
+    if _transformed_extra_dims(q) != 0:
+        return None
+    ts = canonical_transforms(q.transforms)
+    base = q.base_dist
+    if not ts:
+        return base
+    if len(ts) != 1 or type(ts[0]) is not AffineTransform:
+        return None
+    affine = ts[0]
+    inner = base.base_dist if isinstance(base, Independent) else base
+    if not isinstance(inner, Normal) or affine.event_dim != len(base.event_shape):
+        return None
+    scale = affine.scale.abs() if torch.is_tensor(affine.scale) else abs(affine.scale)
+    folded = Normal(affine.loc + affine.scale * inner.loc, scale * inner.scale)
+    shape = torch.broadcast_shapes(folded.batch_shape, q.batch_shape + q.event_shape)
+    folded = folded.expand(shape)
+    return Independent(folded, len(q.event_shape)) if q.event_shape else folded
 
 
 ################################################################################
@@ -603,4 +707,11 @@ def _build_indep_expanded(q: Any, p: Any, resolve: Resolver) -> Union[KLRule, st
     rule = _delta_rule(q)
     if rule is not None:
         return rule
+    return _build_expanded(q, p, resolve, False, True)
+
+
+@_builtin(TransformedDistribution, ExpandedDistribution)
+def _build_transformed_expanded(q: Any, p: Any, resolve: Resolver) -> Union[KLRule, str]:
+    if not canonical_transforms(q.transforms):
+        return _build_identity_transformed(q, p, resolve)
     return _build_expanded(q, p, resolve, False, True)

@@ -15,6 +15,7 @@ from typing import Any, Callable, Hashable, List
 import numpy as np
 import torch
 from pyro.poutine.trace_struct import Trace
+from pyro.util import ignore_jit_warnings
 
 from .kl import registry_version
 from .plan import StructureKey, structure_key
@@ -101,14 +102,18 @@ class PlanCache(OrderedDict):
         :param args: the positional arguments of the step
         :param kwargs: the keyword arguments of the step
         """
-        key = StructureKey(
-            (
-                owner,
-                registry_version(),
-                argument_key(args, kwargs),
-                structure_key(model_trace, guide_trace),
+        # under Pyro's JIT sizes are traced tensors; reading them is intended (a compiled
+        # graph has one structure) and must not warn: a TracerWarning raised as an error
+        # inside torch's __int__ surfaces as SystemError
+        with ignore_jit_warnings():
+            key = StructureKey(
+                (
+                    owner,
+                    registry_version(),
+                    argument_key(args, kwargs),
+                    structure_key(model_trace, guide_trace),
+                )
             )
-        )
         plan = self.get(key)
         if plan is not None:
             self.move_to_end(key)

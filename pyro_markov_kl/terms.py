@@ -27,6 +27,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 import torch
 from pyro.distributions.torch_distribution import MaskedDistribution
 from pyro.distributions.util import scale_and_mask, sum_rightmost
+from pyro.util import ignore_jit_warnings
 from torch.distributions import Distribution, Independent
 
 from .batched_kl import stack_distributions
@@ -226,7 +227,8 @@ def analytic_term(
         return mc_term(model_site, guide_site)[0]
     kl = compute_kl(name, q, p, rule)
     term = -scale_and_mask(kl, scale_p, mask_p)
-    same_shape = kl.shape == q.batch_shape
+    with ignore_jit_warnings():  # shapes are constants of a compiled graph
+        same_shape = kl.shape == q.batch_shape
     if same_shape and same_factor(scale_p, mask_p, scale_q, mask_q):
         return sum_rightmost(term, k)
     try:

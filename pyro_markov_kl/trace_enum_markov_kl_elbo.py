@@ -51,16 +51,19 @@ which no KL of :math:`q_s` replaces: it keeps the Monte Carlo term.
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple
 
+import pyro.ops.jit
 import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask, sum_rightmost
-from pyro.infer.traceenum_elbo import TraceEnum_ELBO
+from pyro.infer.traceenum_elbo import TraceEnum_ELBO, _compute_dice_elbo
 from pyro.ops import packed
 from pyro.poutine.enum_messenger import EnumMessenger
 from pyro.poutine.trace_struct import Trace
+from pyro.util import warn_if_nan
 
 from .dependencies import ProgramDependencies, analyse_dependencies
 from .kl import KLRule, compute_kl
@@ -78,8 +81,15 @@ from .plan import (
 )
 from .plan_cache import PlanCache
 from .terms import same_factor, site_factors
+from .trace_markov_kl_elbo import _arg_shapes
 
-__all__ = ["EnumPlan", "TraceEnumMarkovKL_ELBO", "build_enum_plan", "enum_analytic_parts"]
+__all__ = [
+    "EnumPlan",
+    "JitTraceEnumMarkovKL_ELBO",
+    "TraceEnumMarkovKL_ELBO",
+    "build_enum_plan",
+    "enum_analytic_parts",
+]
 
 
 @dataclass(frozen=True)
@@ -559,3 +569,70 @@ class TraceEnumMarkovKL_ELBO(TraceEnum_ELBO):
             for _, _, plan in self._get_traces_and_plans(model, guide, args, kwargs):
                 return plan
         raise ValueError("num_particles must be at least 1")
+
+
+class JitTraceEnumMarkovKL_ELBO(TraceEnumMarkovKL_ELBO):
+    """
+    Like :class:`TraceEnumMarkovKL_ELBO` but uses :func:`pyro.ops.jit.trace`
+    to compile the loss, as :class:`~pyro.infer.traceenum_elbo.JitTraceEnum_ELBO`
+    does for :class:`~pyro.infer.traceenum_elbo.TraceEnum_ELBO` (e.g. for
+    Pyro's ``examples/hmm.py --jit``).
+
+    As for :class:`~pyro_markov_kl.JitTraceMarkovKL_ELBO`, the dependency
+    analysis runs eagerly on the first call (Pyro's compiler first runs the
+    function once to capture parameters) and its plan is found again by the
+    traced run, so the compiled graph holds only the ELBO's own computation.
+    A graph is compiled once per model/guide pair, number of arguments, set of
+    ``**kwargs`` and set of tensor argument shapes, and reused for every call
+    that matches. The restrictions of JitTraceEnum_ELBO apply: static model
+    structure given those, no global data except the param store, tensors in
+    ``*args``, everything else in ``**kwargs``.
+    """
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_compiled", None)  # compiled graphs are rebuilt on demand
+        return state
+
+    def _compiled_loss(self, model: Callable, guide: Callable, *args, **kwargs) -> torch.Tensor:
+        compiled = getattr(self, "_compiled", None)
+        if compiled is None:
+            compiled = self._compiled = {}
+        key = (model, guide)
+        if key not in compiled:
+            weakself = weakref.ref(self)
+
+            @pyro.ops.jit.trace(
+                ignore_warnings=self.ignore_jit_warnings, jit_options=self.jit_options
+            )
+            def differentiable_loss(*args, **kwargs):
+                kwargs.pop("_pmkl_arg_shapes")
+                self = weakself()
+                elbo = 0.0
+                for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+                    elbo = elbo + _compute_dice_elbo(model_trace, guide_trace)
+                return elbo * (-1.0 / self.num_particles)
+
+            compiled[key] = differentiable_loss
+        return compiled[key](*args, _pmkl_arg_shapes=_arg_shapes(args), **kwargs)
+
+    def differentiable_loss(self, model: Callable, guide: Callable, *args, **kwargs):
+        """:returns: a differentiable estimate of the negative ELBO, from the compiled graph"""
+        loss = self._compiled_loss(model, guide, *args, **kwargs)
+        warn_if_nan(loss, "loss")
+        return loss
+
+    def loss_and_grads(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
+        """:returns: an estimate of the negative ELBO; backpropagates its surrogate"""
+        differentiable_loss = self.differentiable_loss(model, guide, *args, **kwargs)
+        differentiable_loss.backward()
+        loss = differentiable_loss.item()
+        warn_if_nan(loss, "loss")
+        return loss
+
+    def loss(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
+        """:returns: an estimate of the negative ELBO, from the compiled graph"""
+        with torch.no_grad():
+            loss = self._compiled_loss(model, guide, *args, **kwargs).item()
+        warn_if_nan(loss, "loss")
+        return loss

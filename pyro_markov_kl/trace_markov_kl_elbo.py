@@ -12,12 +12,12 @@ import torch
 from pyro import poutine
 from pyro.infer.elbo import ELBO
 from pyro.infer.util import is_validation_enabled, torch_item
-from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_if_enumerated, check_model_guide_match, warn_if_nan
 
 from .dependencies import analyse_dependencies
+from .guide_messenger import guide_messenger_traces, is_guide_messenger
 from .plan import Plan, build_plan, check_model_guide_sites
 from .plan_cache import PlanCache
 from .score_function import score_function_terms
@@ -125,15 +125,13 @@ class TraceMarkovKL_ELBO(ELBO):
 
     # --- traces ---------------------------------------------------------------
     def _get_unpruned_trace(self, model, guide, args, kwargs) -> Tuple[Trace, Trace]:
-        if isinstance(poutine.unwrap(guide), Messenger):
-            raise NotImplementedError(
-                "TraceMarkovKL_ELBO does not support GuideMessenger guides; use a guide "
-                "callable or an AutoGuide"
+        if is_guide_messenger(guide):  # the guide runs the model: one run gives both traces
+            model_trace, guide_trace = guide_messenger_traces(guide, args, kwargs)
+        else:
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+                *args, **kwargs
             )
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs
-        )
         if is_validation_enabled():
             check_model_guide_sites(model_trace, guide_trace)  # errors that name the site first
             check_model_guide_match(model_trace, guide_trace, self.max_plate_nesting)

@@ -376,7 +376,6 @@ def _error_cases() -> Dict[str, Callable[[], None]]:
     import pyro
     import pyro.distributions as dist
     import torch
-    from pyro.infer.autoguide import AutoNormalMessenger
 
     from pyro_markov_kl import (
         TraceEnumMarkovKL_ELBO,
@@ -455,12 +454,6 @@ def _error_cases() -> Dict[str, Callable[[], None]]:
             pyro.sample("k", dist.Bernoulli(0.6), infer={"enumerate": "parallel"})
 
         TraceMarkovKL_ELBO(max_plate_nesting=0).loss(model, guide)
-
-    def guide_messenger():
-        def model():
-            pyro.sample("z", dist.Normal(0.0, 1.0))
-
-        TraceMarkovKL_ELBO().loss(model, AutoNormalMessenger(model))
 
     def vectorized_dynamic_structure():
         def model():
@@ -566,7 +559,6 @@ def _error_cases() -> Dict[str, Callable[[], None]]:
         "analytic_override_biased": analytic_override_biased,
         "analytic_override_no_kl": analytic_override_no_kl,
         "enumerated_site": enumerated_site,
-        "guide_messenger": guide_messenger,
         "vectorized_dynamic_structure": vectorized_dynamic_structure,
         "kl_wrong_shape": kl_wrong_shape,
         "kl_nan": kl_returns_nan,

@@ -97,3 +97,35 @@ def test_new_sequence_length_compiles_a_new_graph():
         assert (jit_losses.mean() - eager_losses.mean()).abs() < 5 * se, T
     (compiled,) = elbo._compiled.values()
     assert len(compiled.compiled) == 2  # one graph per length, the first one reused
+
+
+def test_no_tracer_warnings_from_the_estimator():
+    """
+    The estimator's own reads of traced shapes (plan-cache key, KL shape checks) are
+    constants of the compiled graph and must not warn: under ``-W error`` (Pyro's test
+    configuration) a TracerWarning raised inside torch's ``__int__``/``__bool__`` surfaced as
+    ``SystemError: ... returned a result with an exception set``.
+    """
+    import warnings
+
+    pyro.clear_param_store()
+    data = torch.tensor(1.0)
+
+    def model(data):
+        loc = pyro.sample("loc", dist.Normal(0.0, 1.0))
+        scale = pyro.sample("scale", dist.LogNormal(0.0, 1.0))
+        pyro.sample("obs", dist.Normal(loc, scale), obs=data)
+
+    def guide(data):
+        loc_loc = pyro.param("loc_loc", lambda: torch.tensor(1.0))
+        scale_loc = pyro.param("scale_loc", lambda: torch.tensor(-1.0))
+        pyro.sample("loc", dist.Normal(loc_loc, 2.0))
+        pyro.sample("scale", dist.LogNormal(scale_loc, 0.1))
+
+    elbo = JitTraceMarkovKL_ELBO(num_particles=10, vectorize_particles=True, max_plate_nesting=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", torch.jit.TracerWarning)
+        # as Pyro's setup.cfg: torch.distributions turns the model's numbers into constants
+        warnings.filterwarnings("ignore", "torch.tensor results are registered as constants")
+        loss = elbo.loss_and_grads(model, guide, data)
+    assert torch.isfinite(torch.tensor(loss))
