@@ -60,9 +60,10 @@ from pyro.distributions.util import scale_and_mask, sum_rightmost
 from pyro.infer.traceenum_elbo import TraceEnum_ELBO
 from pyro.ops import packed
 from pyro.poutine.enum_messenger import EnumMessenger
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
 
-from .dependencies import ProgramDependencies, analyse_dependencies
+from .dependencies import ProgramDependencies, analyse_dependencies, is_subsample_site
 from .kl import KLRule, compute_kl
 from .plan import (
     Plan,
@@ -443,6 +444,27 @@ def apply_plan(plan: Plan, model_trace: Trace, guide_trace: Trace) -> None:
 
 
 # --- the ELBO -----------------------------------------------------------------------------------
+class _SubsampleRecorder(Messenger):
+    """
+    Keeps the subsample sites of the latest run of the guide it wraps, which
+    TraceEnum_ELBO's traces no longer have, so that the dependency analysis can
+    replay the guide's subsamples in the model (a plate the guide subsamples
+    and the model declares in full).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sites: Dict[str, dict] = {}
+
+    def __enter__(self) -> _SubsampleRecorder:
+        self.sites = {}  # a new run of the guide
+        return super().__enter__()
+
+    def _pyro_post_sample(self, msg: dict) -> None:
+        if is_subsample_site(msg):
+            self.sites[msg["name"]] = dict(msg, infer=dict(msg["infer"]))
+
+
 class TraceEnumMarkovKL_ELBO(TraceEnum_ELBO):
     r"""
     :class:`~pyro.infer.traceenum_elbo.TraceEnum_ELBO` with the per-site
@@ -496,7 +518,10 @@ class TraceEnumMarkovKL_ELBO(TraceEnum_ELBO):
     def _get_traces_and_plans(
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict
     ) -> Iterator[Tuple[Trace, Trace, EnumPlan]]:
-        for model_trace, guide_trace in super()._get_traces(model, guide, args, kwargs):
+        # TraceEnum_ELBO prunes the subsample sites, which the analysis must replay
+        subsamples = _SubsampleRecorder()
+        traces = super()._get_traces(model, subsamples(guide), args, kwargs)
+        for model_trace, guide_trace in traces:
             owner = (
                 model,
                 guide,
@@ -509,7 +534,14 @@ class TraceEnumMarkovKL_ELBO(TraceEnum_ELBO):
                 model_trace,
                 guide_trace,
                 functools.partial(
-                    self._build_plan, model, guide, args, kwargs, model_trace, guide_trace
+                    self._build_plan,
+                    model,
+                    guide,
+                    args,
+                    kwargs,
+                    model_trace,
+                    guide_trace,
+                    subsamples.sites,
                 ),
             )
             apply_plan(plan, model_trace, guide_trace)
@@ -527,6 +559,7 @@ class TraceEnumMarkovKL_ELBO(TraceEnum_ELBO):
         kwargs: dict,
         model_trace: Trace,
         guide_trace: Trace,
+        subsample_sites: Mapping[str, dict],
     ) -> EnumPlan:
         if self.vectorize_particles:
             model = self._vectorized_num_particles(model)
@@ -536,6 +569,8 @@ class TraceEnumMarkovKL_ELBO(TraceEnum_ELBO):
         guide = EnumMessenger(first_available_dim=-1 - self.max_plate_nesting)(guide)
         model = EnumMessenger()(model)
         replay_trace = Trace()
+        for name, site in subsample_sites.items():  # the guide's subsamples of this trace
+            replay_trace.add_node(name, **site)
         for name, site in guide_trace.nodes.items():
             if site["type"] == "sample":
                 replay_trace.add_node(name, **dict(site, infer=dict(site["infer"])))

@@ -9,10 +9,11 @@ import math
 
 import pyro
 import pyro.distributions as dist
+import pytest
 import torch
-from pyro.infer import Trace_ELBO
+from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 
-from pyro_markov_kl import TraceMarkovKL_ELBO
+from pyro_markov_kl import TraceEnumMarkovKL_ELBO, TraceMarkovKL_ELBO
 
 # --- a plate without a size (examples/vae/ss_vae_M2.py) --------------------------------------
 
@@ -77,3 +78,68 @@ def test_sizeless_plate_gets_leave_one_out_baseline():
     # the baseline removes most of the variance (without it the ratio is about 1)
     ratio = grads[False].var(0) / reference.var(0)
     assert (ratio < 0.5).all(), ratio
+
+
+# --- a guide that subsamples a plate the model declares in full (examples/lda.py) ------------
+
+N_FULL, N_SUB = 100, 10
+LDA_DATA = torch.linspace(-3.0, 3.0, N_FULL)
+LDA_LOC = torch.linspace(-1.0, 2.0, N_FULL)
+
+
+def lda_model(enumerated):
+    with pyro.plate("N", N_FULL) as ind:
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        if enumerated:
+            k = pyro.sample("k", dist.Bernoulli(0.3), infer={"enumerate": "parallel"})
+            z = z + 2.0 * k
+        pyro.sample("x", dist.Normal(z, 1.0), obs=LDA_DATA[ind])
+
+
+def lda_guide(enumerated):
+    loc = pyro.param("loc", LDA_LOC.clone())
+    with pyro.plate("N", N_FULL, subsample_size=N_SUB) as ind:
+        pyro.sample("z", dist.Normal(loc[ind], 1.0))
+
+
+def lda_exact_loss():
+    """Minus the ELBO of the plain program, summed over all N_FULL elements."""
+    x, m = LDA_DATA, LDA_LOC
+    expected_log_lik = -0.5 * math.log(2 * math.pi) - 0.5 * ((x - m) ** 2 + 1)
+    return -(expected_log_lik - 0.5 * m**2).sum().item()
+
+
+def loss_samples(elbo, runs, *args):
+    pyro.clear_param_store()
+    pyro.set_rng_seed(1)
+    return torch.tensor([elbo.loss(lda_model, lda_guide, *args) for _ in range(runs)])
+
+
+@pytest.mark.parametrize("enumerated", [False, True], ids=["plain", "enumerated"])
+def test_guide_subsamples_plate_the_model_declares_in_full(enumerated):
+    options = dict(num_particles=100, vectorize_particles=True, max_plate_nesting=1)
+    elbos = {
+        "TraceEnum_ELBO": TraceEnum_ELBO(strict_enumeration_warning=False, **options),
+        "TraceEnumMarkovKL_ELBO": TraceEnumMarkovKL_ELBO(
+            strict_enumeration_warning=False, **options
+        ),
+    }
+    if not enumerated:
+        elbos["Trace_ELBO"] = Trace_ELBO(**options)
+        elbos["TraceMarkovKL_ELBO"] = TraceMarkovKL_ELBO(**options)
+    for name, elbo in elbos.items():
+        if "MarkovKL" in name:
+            plan = elbo.explain(lda_model, lda_guide, enumerated)
+            assert plan.sites["z"].estimator == "analytic"
+    runs = 100
+    losses = {name: loss_samples(elbo, runs, enumerated) for name, elbo in elbos.items()}
+    references = ["TraceEnum_ELBO"] if enumerated else ["Trace_ELBO", "TraceEnum_ELBO"]
+    for name in ("TraceEnumMarkovKL_ELBO",) + (() if enumerated else ("TraceMarkovKL_ELBO",)):
+        if not enumerated:
+            mean, se = losses[name].mean(), losses[name].std() / math.sqrt(runs)
+            assert abs(mean - lda_exact_loss()) < 5 * se, (name, mean, se, lda_exact_loss())
+        for ref in references:
+            # the same seed draws the same subsamples: compare run by run
+            diff = losses[name] - losses[ref]
+            se = diff.std() / math.sqrt(runs)
+            assert abs(diff.mean()) < 5 * se, (name, ref, diff.mean(), se)
