@@ -5,6 +5,7 @@
 of shape (B, 1) under .to_event(1) (DMM), autoguides with a joint latent, and a
 guide that subsamples a plate the model declares in full (LDA)."""
 
+import functools
 import math
 
 import pyro
@@ -12,8 +13,10 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO
+from pyro.infer.autoguide import AutoDelta, AutoDiagonalNormal, AutoMultivariateNormal
 
 from pyro_markov_kl import TraceEnumMarkovKL_ELBO, TraceMarkovKL_ELBO
+from pyro_markov_kl.provenance import DependencyTracker
 
 # --- a plate without a size (examples/vae/ss_vae_M2.py) --------------------------------------
 
@@ -143,3 +146,50 @@ def test_guide_subsamples_plate_the_model_declares_in_full(enumerated):
             diff = losses[name] - losses[ref]
             se = diff.std() / math.sqrt(runs)
             assert abs(diff.mean()) < 5 * se, (name, ref, diff.mean(), se)
+
+
+# --- autoguides: per-site values are views of a joint latent ---------------------------------
+
+
+def test_tag_does_not_reach_earlier_aliases_but_writes_do():
+    tracker = DependencyTracker()
+    with tracker:
+        latent = torch.randn(3) * 1.0
+        tracker.tag(latent, "latent")
+        a = latent[0:1]  # a view of the latent's storage, as an autoguide's site value
+        tracker.tag(a, "a")
+        c = latent[2:3]  # a later view of the same storage holds no value made from a
+        assert tracker.names_of(tracker.provenance(c)) == {"latent"}
+        assert tracker.names_of(tracker.provenance(a[0] + 1)) == {"a"}
+        assert tracker.names_of(tracker.provenance(latent)) == {"latent"}
+        a.mul_(2.0)  # a write through the site's view: every alias now depends on a
+        assert tracker.names_of(tracker.provenance(c)) == {"latent", "a"}
+        assert tracker.names_of(tracker.provenance(latent[1:2] * 1)) == {"latent", "a"}
+
+
+def joint_model(coupled):
+    a = pyro.sample("a", dist.Normal(0.0, 1.0))
+    pyro.sample("b", dist.Uniform(0.0, 1.0))
+    pyro.sample("c", dist.Normal(a if coupled else 0.0, 1.0))
+
+
+@pytest.mark.parametrize("autoguide", [AutoDiagonalNormal, AutoMultivariateNormal, AutoDelta])
+@pytest.mark.parametrize("coupled", [False, True], ids=["independent", "coupled"])
+def test_autoguide_parents_and_delta_sites(autoguide, coupled):
+    pyro.clear_param_store()
+    model = functools.partial(joint_model, coupled)
+    guide = autoguide(model)
+    plan = TraceMarkovKL_ELBO().explain(model, guide)
+    latent = frozenset(n for n in plan.sites if n.endswith("_latent"))  # none for AutoDelta
+    for name in "abc":
+        rec = plan.sites[name]
+        assert rec.guide_parents == latent, (name, str(plan))
+        assert rec.model_parents == ({"a"} if coupled and name == "c" else set()), str(plan)
+        assert rec.estimator == "analytic"
+        assert "a Delta guide: the KL equals log q - log p at the sample" in rec.reason
+    # the Delta sites' KL is the Monte Carlo term, draw for draw
+    for seed in range(3):
+        pyro.set_rng_seed(seed)
+        expected = Trace_ELBO().loss(model, guide)
+        pyro.set_rng_seed(seed)
+        assert TraceMarkovKL_ELBO().loss(model, guide) == pytest.approx(expected, rel=1e-6)
