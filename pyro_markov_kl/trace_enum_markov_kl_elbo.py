@@ -78,7 +78,7 @@ from .plan import (
     site_plates,
 )
 from .plan_cache import PlanCache
-from .terms import same_factor, site_factors
+from .terms import has_mask, same_factor, site_factors
 
 __all__ = ["EnumPlan", "TraceEnumMarkovKL_ELBO", "build_enum_plan", "enum_analytic_parts"]
 
@@ -361,7 +361,7 @@ _KEEP = object()
 
 def enum_analytic_parts(
     name: str, model_site: Dict[str, Any], guide_site: Dict[str, Any], rule: KLRule
-) -> Tuple[torch.Tensor, Any]:
+) -> Optional[Tuple[torch.Tensor, Any]]:
     r"""
     The replacements of one analytic site's two costs, unpacked and not summed:
     the model's :math:`-f_p(\mathrm{KL} + \mathrm{H})` and the guide's
@@ -373,9 +373,13 @@ def enum_analytic_parts(
     :math:`-\log q(z)` at the sample and the guide's slot is kept (returned as
     a sentinel, ``_KEEP``).
 
-    :returns: ``(model_value, guide_value)``
+    :returns: ``(model_value, guide_value)``, or ``None`` where a ``.mask()``
+        varies inside the event in this trace (the plan was made on a mask
+        that did not): the site then keeps TraceEnum_ELBO's Monte Carlo costs
     """
     q, p, scale_q, mask_q, scale_p, mask_p, k = site_factors(model_site, guide_site)
+    if has_mask(q) or has_mask(p):
+        return None
     kl = compute_kl(name, q, p, rule)
     if kl.shape == q.batch_shape and same_factor(scale_p, mask_p, scale_q, mask_q):
         return sum_rightmost(-scale_and_mask(kl, scale_p, mask_p), k), None
@@ -429,7 +433,10 @@ def apply_plan(plan: Plan, model_trace: Trace, guide_trace: Trace) -> None:
     for name in plan.analytic_sites():
         rule = plan.sites[name].kl_rule
         model_site, guide_site = model_trace.nodes[name], guide_trace.nodes[name]
-        model_value, guide_value = enum_analytic_parts(name, model_site, guide_site, rule)
+        parts = enum_analytic_parts(name, model_site, guide_site, rule)
+        if parts is None:
+            continue
+        model_value, guide_value = parts
         model_site["packed"]["log_prob"] = _pack_like(model_value, model_site, name)
         if guide_value is _KEEP:
             continue

@@ -193,3 +193,71 @@ def test_autoguide_parents_and_delta_sites(autoguide, coupled):
         expected = Trace_ELBO().loss(model, guide)
         pyro.set_rng_seed(seed)
         assert TraceMarkovKL_ELBO().loss(model, guide) == pytest.approx(expected, rel=1e-6)
+
+
+# --- a float mask of shape (B, 1) under .to_event(1) (examples/dmm/dmm.py) --------------------
+
+B, D = 4, 3
+DMM_MASK = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 0.0], [1.0, 1.0]])  # (B, T)
+DMM_LOC = torch.linspace(-1.0, 1.0, B * D).reshape(B, D)
+
+
+def dmm_model(mask):
+    with pyro.plate("b", B):
+        pyro.sample("z", dist.Normal(torch.zeros(B, D), 1.0).mask(mask).to_event(1))
+
+
+def dmm_guide(mask, mvn):
+    loc = pyro.param("loc", DMM_LOC.clone())
+    with pyro.plate("b", B):
+        if mvn:
+            pyro.sample("z", dist.MultivariateNormal(loc, torch.eye(D)))
+        else:
+            pyro.sample("z", dist.Normal(loc, 1.0).mask(mask).to_event(1))
+
+
+DMM_GUIDES = {mvn: functools.partial(dmm_guide, mvn=mvn) for mvn in (True, False)}
+
+
+def _dmm_loss(elbo, mask, mvn, seed=0):
+    pyro.set_rng_seed(seed)
+    return elbo.loss(dmm_model, DMM_GUIDES[mvn], mask)  # one guide object: the plan is reused
+
+
+@pytest.mark.parametrize("mvn", [True, False], ids=["mvn_guide", "normal_guide"])
+def test_float_mask_constant_along_the_event_is_folded(mvn):
+    pyro.clear_param_store()
+    float_mask = DMM_MASK[:, 1:2]  # as the DMM passes mini_batch_mask[:, t - 1 : t]
+    bool_mask = float_mask.bool()
+    plans = [
+        TraceMarkovKL_ELBO().explain(dmm_model, DMM_GUIDES[mvn], m) for m in (float_mask, bool_mask)
+    ]
+    assert plans[0].sites == plans[1].sites
+    assert plans[0].sites["z"].estimator == "analytic", str(plans[0])
+    # no sample enters the loss: it is the closed form, 0.5 |loc_b|^2 for each unmasked b,
+    # and with the guide unmasked, minus the guide's entropy for each masked b
+    keep = float_mask[:, 0]
+    exact = (0.5 * DMM_LOC.pow(2).sum(-1) * keep).sum().item()
+    if mvn:
+        exact -= (1 - keep).sum().item() * 0.5 * D * (1 + math.log(2 * math.pi))
+    enum = TraceEnumMarkovKL_ELBO(max_plate_nesting=1, strict_enumeration_warning=False)
+    for elbo in (TraceMarkovKL_ELBO(), enum):
+        losses = [_dmm_loss(elbo, m, mvn) for m in (float_mask, bool_mask)]
+        assert losses[0] == losses[1] == pytest.approx(exact, rel=1e-6)
+
+
+def test_mask_that_varies_inside_the_event_later_falls_back_to_monte_carlo():
+    pyro.clear_param_store()
+    varying = torch.tensor([[1.0, 0.0, 1.0]]).expand(B, D).contiguous()
+    options = dict(max_plate_nesting=1, strict_enumeration_warning=False)
+    references = (Trace_ELBO(), TraceEnum_ELBO(**options))
+    elbos = (TraceMarkovKL_ELBO(), TraceEnumMarkovKL_ELBO(**options))
+    for elbo, reference in zip(elbos, references):
+        _dmm_loss(elbo, DMM_MASK[:, 1:2], True)  # the plan: analytic, on a mask of shape (B, 1)
+        assert len(elbo._plans) == 1
+        # the same structure (shape and strides), with a mask that varies inside the event:
+        # the KL of the MultivariateNormal guide is not available, the term is Monte Carlo
+        for seed in range(3):
+            expected = _dmm_loss(reference, varying, True, seed)
+            assert _dmm_loss(elbo, varying, True, seed) == pytest.approx(expected, rel=1e-6)
+        assert len(elbo._plans) == 1  # the plan made on the first mask
