@@ -494,8 +494,9 @@ def _add_baselines(
         if not leave_one_out:
             continue
         frames, why = [], []
+        shape = guide_sites[name]["fn"].batch_shape  # the plates' sizes at run time
         for f in sorted(plates(name), key=lambda f: f.dim):
-            if f.size < 2:
+            if shape[f.dim] < 2:
                 continue
             outside = next(
                 (
@@ -511,7 +512,7 @@ def _add_baselines(
                 why.append(f"term {outside} depends on {name} outside plate '{f.name}'")
         if frames:
             names = " x ".join(f"'{f.name}'" for f in frames)
-            size = math.prod(f.size for f in frames)
+            size = math.prod(shape[f.dim] for f in frames)
             text = f"leave-one-out over plate {names} ({size} elements)"
         else:
             text = "none: " + ("; ".join(why) if why else "no plate of two or more elements")
@@ -524,13 +525,23 @@ def site_plates(
 ) -> Callable[[str], frozenset]:
     """
     A cached function: site name -> the vectorised plates that the site fills
-    with their full (subsample) size in the model and in the guide.
+    with their full (subsample) size in the model and in the guide. The size
+    of a plate declared without one (``pyro.plate("data")``, size ``-1``) is
+    the largest size any site has at its dimension: the size it sees at run
+    time.
     """
+    sizes: Dict[CondIndepStackFrame, int] = {}
+    for sites in (model_sites, guide_sites):
+        for site in sites.values():
+            shape = site["fn"].batch_shape
+            for f in site["cond_indep_stack"]:
+                if f.vectorized and _is_sizeless(f) and len(shape) >= -f.dim:
+                    sizes[f] = max(sizes.get(f, 1), shape[f.dim])
 
     @functools.cache
     def plates(name: str) -> frozenset:
         sites = [s[name] for s in (model_sites, guide_sites) if name in s]
-        return frozenset.intersection(*(_full_plates(site) for site in sites))
+        return frozenset.intersection(*(_full_plates(site, sizes) for site in sites))
 
     return plates
 
@@ -572,13 +583,21 @@ def _add_cost_bases(
     return result
 
 
-def _full_plates(site: Mapping) -> frozenset:
-    """The vectorised plates a site's batch shape fills with their full (subsample) size."""
+def _is_sizeless(frame: CondIndepStackFrame) -> bool:
+    """Whether a plate was declared without a size (Pyro's size ``-1``)."""
+    return not torch.is_tensor(frame.size) and frame.size == -1
+
+
+def _full_plates(site: Mapping, sizes: Mapping[CondIndepStackFrame, int]) -> frozenset:
+    """
+    The vectorised plates a site's batch shape fills with their full (subsample)
+    size, that of ``sizes`` for a plate declared without a size.
+    """
     shape = site["fn"].batch_shape
     return frozenset(
         f
         for f in site["cond_indep_stack"]
-        if f.vectorized and len(shape) >= -f.dim and shape[f.dim] == f.size
+        if f.vectorized and len(shape) >= -f.dim and shape[f.dim] == sizes.get(f, f.size)
     )
 
 

@@ -21,7 +21,9 @@ same with and without autograd enabled. Rules:
   carries it (an over-approximation, which is the safe direction);
 * a sampled value is tagged with its own site only, so a site's parents are
   the sites that flow into its distribution directly, and ancestry is the
-  transitive closure;
+  transitive closure; the tag goes to the value and to what is computed from
+  it, views included, not to aliases of its storage that existed before (the
+  values it was made from, such as an autoguide's joint latent);
 * a value that leaves the tensor world (``.item()``, ``bool()``, ``.tolist()``,
   ``.numpy()``) can steer Python control flow, which no tracker can follow.
   Such an *escape* is recorded, and every site sampled after it is treated as
@@ -217,8 +219,16 @@ class DependencyTracker:
 
     def tag(self, tensor: torch.Tensor, name: str, keep: int = 0) -> int:
         """
-        Register a new sample site and make ``tensor`` (and every alias of its
-        storage) depend on it, and on the sites in ``keep`` besides.
+        Register a new sample site and make ``tensor``, and every tensor
+        computed from it later (views included), depend on it, and on the sites
+        in ``keep`` besides.
+
+        The site's bit is not given to ``tensor``'s storage: other aliases of
+        that storage that exist already hold the values ``tensor`` was made
+        from, not values made from it (the sites of an autoguide are views of
+        its joint latent, and one site's bit on the latent's storage would make
+        every later site depend on it). A later write into ``tensor`` or one of
+        its views taints the storage with the site, as every write does.
 
         :param keep: the bit set of sites the value itself was computed from
             and keeps depending on (for a value recorded at a site rather than
@@ -228,7 +238,6 @@ class DependencyTracker:
         bit = 1 << len(self.names)
         self.names.append(name)
         self._set(tensor, bit | keep)
-        self._taint_storage(tensor, bit)
         return bit
 
     def all_sites(self) -> int:

@@ -68,12 +68,21 @@ def unwrap_mask(fn: Distribution) -> Tuple[Distribution, Any]:
     """
     Strip :class:`~pyro.distributions.torch_distribution.MaskedDistribution`
     wrappers (``.mask()``), including one under an ``Independent`` whose mask
-    is broadcast along the reinterpreted dimensions (size 1 or stride 0 there,
-    e.g. ``.mask(m).to_event(1)`` with a boolean ``m`` of shape ``(B, 1)``),
-    and return the bare distribution with the combined mask, or ``None`` for
-    no mask. Other masks under an ``Independent`` are left in place, for
-    :func:`site_factors` to handle element by element. The decision depends
-    only on shapes and strides, which are part of the plan's structure key.
+    is constant along the reinterpreted dimensions (e.g. ``.mask(m).to_event(1)``
+    with ``m`` of shape ``(B, 1)``), and return the bare distribution with the
+    combined mask, or ``None`` for no mask. Other masks under an
+    ``Independent`` are left in place, for :func:`site_factors` to handle
+    element by element, or for a Monte Carlo term.
+
+    A mask that is broadcast there (size 1 or stride 0: a boolean ``m``) is
+    constant by its shape and strides, which are part of the plan's structure
+    key. ``.mask()`` turns any other mask into a new boolean tensor (a float
+    ``m`` of shape ``(B, 1)``, as Pyro's DMM example passes, loses its strides),
+    so such a mask is checked by its values, every time: the plan is made on
+    the first trace's mask, and a later mask that varies inside the event is
+    handled by the fallbacks of the terms, which are unbiased as well. Inside a
+    JIT trace, where a value-dependent branch would be compiled in, only the
+    strides count.
     """
     mask = None
     while True:
@@ -87,7 +96,7 @@ def unwrap_mask(fn: Distribution) -> Tuple[Distribution, Any]:
             m = inner._mask
             if torch.is_tensor(m) and m.dim() > len(inner.batch_shape) - k:
                 nk = min(k, m.dim())
-                if any(m.size(d) != 1 and m.stride(d) != 0 for d in range(m.dim() - nk, m.dim())):
+                if not _constant_along_last(m, nk):
                     break  # the mask may vary inside the event
                 m = m[(Ellipsis,) + (0,) * nk]
             mask = _and(mask, m)
@@ -95,6 +104,17 @@ def unwrap_mask(fn: Distribution) -> Tuple[Distribution, Any]:
             continue
         break
     return fn, mask
+
+
+def _constant_along_last(m: torch.Tensor, n: int) -> bool:
+    """Whether a mask is constant along its ``n`` rightmost dimensions (see :func:`unwrap_mask`)."""
+    dims = range(m.dim() - n, m.dim())
+    if all(m.size(d) == 1 or m.stride(d) == 0 for d in dims):
+        return True
+    if torch._C._get_tracing_state():
+        return False
+    first = m[(Ellipsis,) + (slice(0, 1),) * n]
+    return bool(torch.equal(m, first.expand(m.shape)))
 
 
 def _masked_event_dims(fn: Distribution) -> int:

@@ -62,10 +62,11 @@ from pyro.distributions.util import scale_and_mask, sum_rightmost
 from pyro.infer.traceenum_elbo import TraceEnum_ELBO, _compute_dice_elbo
 from pyro.ops import packed
 from pyro.poutine.enum_messenger import EnumMessenger
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
 from pyro.util import warn_if_nan
 
-from .dependencies import ProgramDependencies, analyse_dependencies
+from .dependencies import ProgramDependencies, analyse_dependencies, is_subsample_site
 from .kl import KLRule, compute_kl
 from .plan import (
     Plan,
@@ -80,7 +81,7 @@ from .plan import (
     site_plates,
 )
 from .plan_cache import PlanCache
-from .terms import same_factor, site_factors
+from .terms import has_mask, same_factor, site_factors
 from .trace_markov_kl_elbo import _arg_shapes
 
 __all__ = [
@@ -370,7 +371,7 @@ _KEEP = object()
 
 def enum_analytic_parts(
     name: str, model_site: Dict[str, Any], guide_site: Dict[str, Any], rule: KLRule
-) -> Tuple[torch.Tensor, Any]:
+) -> Optional[Tuple[torch.Tensor, Any]]:
     r"""
     The replacements of one analytic site's two costs, unpacked and not summed:
     the model's :math:`-f_p(\mathrm{KL} + \mathrm{H})` and the guide's
@@ -382,9 +383,13 @@ def enum_analytic_parts(
     :math:`-\log q(z)` at the sample and the guide's slot is kept (returned as
     a sentinel, ``_KEEP``).
 
-    :returns: ``(model_value, guide_value)``
+    :returns: ``(model_value, guide_value)``, or ``None`` where a ``.mask()``
+        varies inside the event in this trace (the plan was made on a mask
+        that did not): the site then keeps TraceEnum_ELBO's Monte Carlo costs
     """
     q, p, scale_q, mask_q, scale_p, mask_p, k = site_factors(model_site, guide_site)
+    if has_mask(q) or has_mask(p):
+        return None
     kl = compute_kl(name, q, p, rule)
     if kl.shape == q.batch_shape and same_factor(scale_p, mask_p, scale_q, mask_q):
         return sum_rightmost(-scale_and_mask(kl, scale_p, mask_p), k), None
@@ -438,7 +443,10 @@ def apply_plan(plan: Plan, model_trace: Trace, guide_trace: Trace) -> None:
     for name in plan.analytic_sites():
         rule = plan.sites[name].kl_rule
         model_site, guide_site = model_trace.nodes[name], guide_trace.nodes[name]
-        model_value, guide_value = enum_analytic_parts(name, model_site, guide_site, rule)
+        parts = enum_analytic_parts(name, model_site, guide_site, rule)
+        if parts is None:
+            continue
+        model_value, guide_value = parts
         model_site["packed"]["log_prob"] = _pack_like(model_value, model_site, name)
         if guide_value is _KEEP:
             continue
@@ -453,6 +461,27 @@ def apply_plan(plan: Plan, model_trace: Trace, guide_trace: Trace) -> None:
 
 
 # --- the ELBO -----------------------------------------------------------------------------------
+class _SubsampleRecorder(Messenger):
+    """
+    Keeps the subsample sites of the latest run of the guide it wraps, which
+    TraceEnum_ELBO's traces no longer have, so that the dependency analysis can
+    replay the guide's subsamples in the model (a plate the guide subsamples
+    and the model declares in full).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sites: Dict[str, dict] = {}
+
+    def __enter__(self) -> _SubsampleRecorder:
+        self.sites = {}  # a new run of the guide
+        return super().__enter__()
+
+    def _pyro_post_sample(self, msg: dict) -> None:
+        if is_subsample_site(msg):
+            self.sites[msg["name"]] = dict(msg, infer=dict(msg["infer"]))
+
+
 class TraceEnumMarkovKL_ELBO(TraceEnum_ELBO):
     r"""
     :class:`~pyro.infer.traceenum_elbo.TraceEnum_ELBO` with the per-site
@@ -506,7 +535,10 @@ class TraceEnumMarkovKL_ELBO(TraceEnum_ELBO):
     def _get_traces_and_plans(
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict
     ) -> Iterator[Tuple[Trace, Trace, EnumPlan]]:
-        for model_trace, guide_trace in super()._get_traces(model, guide, args, kwargs):
+        # TraceEnum_ELBO prunes the subsample sites, which the analysis must replay
+        subsamples = _SubsampleRecorder()
+        traces = super()._get_traces(model, subsamples(guide), args, kwargs)
+        for model_trace, guide_trace in traces:
             owner = (
                 model,
                 guide,
@@ -522,7 +554,14 @@ class TraceEnumMarkovKL_ELBO(TraceEnum_ELBO):
                 model_trace,
                 guide_trace,
                 functools.partial(
-                    self._build_plan, model, guide, args, kwargs, model_trace, guide_trace
+                    self._build_plan,
+                    model,
+                    guide,
+                    args,
+                    kwargs,
+                    model_trace,
+                    guide_trace,
+                    subsamples.sites,
                 ),
             )
             apply_plan(plan, model_trace, guide_trace)
@@ -540,6 +579,7 @@ class TraceEnumMarkovKL_ELBO(TraceEnum_ELBO):
         kwargs: dict,
         model_trace: Trace,
         guide_trace: Trace,
+        subsample_sites: Mapping[str, dict],
     ) -> EnumPlan:
         if self.vectorize_particles:
             model = self._vectorized_num_particles(model)
@@ -549,6 +589,8 @@ class TraceEnumMarkovKL_ELBO(TraceEnum_ELBO):
         guide = EnumMessenger(first_available_dim=-1 - self.max_plate_nesting)(guide)
         model = EnumMessenger()(model)
         replay_trace = Trace()
+        for name, site in subsample_sites.items():  # the guide's subsamples of this trace
+            replay_trace.add_node(name, **site)
         for name, site in guide_trace.nodes.items():
             if site["type"] == "sample":
                 replay_trace.add_node(name, **dict(site, infer=dict(site["infer"])))
