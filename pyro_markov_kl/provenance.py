@@ -162,6 +162,8 @@ class DependencyTracker:
         self.names: List[str] = []
         self._tensor_prov: Dict[int, Tuple[weakref.ref, int]] = {}
         self._storage_prov: Dict[int, Tuple[Any, int]] = {}
+        # the memory of tagged values, for tensors made over it outside the dispatcher
+        self._value_memory: Dict[int, Tuple[Any, int]] = {}
         #: bit set of the sites whose values escaped into Python so far
         self.escaped: int = 0
         #: where each escape happened, as ``(site names, "file:line")``
@@ -186,13 +188,23 @@ class DependencyTracker:
     def provenance(self, tensor: torch.Tensor) -> int:
         """The bit set of sites ``tensor`` may depend on."""
         entry = self._tensor_prov.get(id(tensor))
-        bits = entry[1] if entry is not None and entry[0]() is tensor else 0
-        if self._storage_prov:
+        known = entry is not None and entry[0]() is tensor
+        bits = entry[1] if known else 0
+        if self._storage_prov or (self._value_memory and not known):
             key = self._storage_key(tensor)
             if key is not None:
                 sentry = self._storage_prov.get(key[0])
                 if sentry is not None:
                     bits |= sentry[1]
+                if not known:
+                    # a new storage, made outside torch's aliasing, over a sampled value's
+                    # memory: torch.utils.dlpack.from_dlpack(to_dlpack(z)), from_numpy;
+                    # other aliases of the same storage (a replayed autoguide site's value
+                    # is a view of the joint latent, as is its neighbour's) hold the values
+                    # the site was made from
+                    ventry = self._value_memory.get(key[0])
+                    if ventry is not None and ventry[0]._cdata != key[1]._cdata:
+                        bits |= ventry[1]
         return bits
 
     def _set(self, tensor: torch.Tensor, bits: int) -> None:
@@ -228,7 +240,9 @@ class DependencyTracker:
         from, not values made from it (the sites of an autoguide are views of
         its joint latent, and one site's bit on the latent's storage would make
         every later site depend on it). A later write into ``tensor`` or one of
-        its views taints the storage with the site, as every write does.
+        its views taints the storage with the site, as every write does. Only a
+        tensor that no operation made (``torch.from_numpy``, a dlpack capsule's
+        tensor) over the value's memory inherits the site from the memory.
 
         :param keep: the bit set of sites the value itself was computed from
             and keeps depending on (for a value recorded at a site rather than
@@ -238,6 +252,10 @@ class DependencyTracker:
         bit = 1 << len(self.names)
         self.names.append(name)
         self._set(tensor, bit | keep)
+        key = self._storage_key(tensor)
+        if key is not None:
+            old = self._value_memory.get(key[0])
+            self._value_memory[key[0]] = (key[1], bit | keep | (old[1] if old else 0))
         return bit
 
     def all_sites(self) -> int:
