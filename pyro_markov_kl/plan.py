@@ -77,6 +77,15 @@ class SiteRecord:
     :ivar baseline: for a non-reparameterised site, which baseline its cost
         gets, and why (see :func:`~pyro_markov_kl.score_function.leave_one_out_baseline`)
     :ivar baseline_frames: the plates of its leave-one-out baseline, if it gets one
+    :ivar auxiliary: a guide site that is not a latent of the model (an
+        ``is_auxiliary`` site, a site the model does not have or observes, a
+        ``pyro.factor`` or ``pyro.deterministic``): its term is
+        :math:`-\\log q`, plus the model's :math:`\\log p` if the model observes
+        a site of the same name, always Monte Carlo, as in Trace_ELBO
+    :ivar opaque: an observed, non-reparameterised guide site (``pyro.factor(...,
+        has_rsample=False)``): the sampling it stands for happened outside Pyro,
+        so which terms depend on it is unknown and its score-function cost is
+        every term
     """
 
     name: str
@@ -94,6 +103,8 @@ class SiteRecord:
     cost_extra: Tuple[int, ...] = ()
     baseline: str = ""
     baseline_frames: Tuple[CondIndepStackFrame, ...] = ()
+    auxiliary: bool = False
+    opaque: bool = False
 
 
 @dataclass(frozen=True)
@@ -183,15 +194,6 @@ def kl_option(name: str, guide_site: Mapping) -> str:
     return option
 
 
-def _check_guide_site(name: str, guide_site: Mapping) -> None:
-    if guide_site["infer"].get("enumerate") is not None:
-        raise NotImplementedError(
-            f"site '{name}' is marked for enumeration (infer={{'enumerate': ...}}), which "
-            "TraceMarkovKL_ELBO does not support; use pyro_markov_kl.TraceEnumMarkovKL_ELBO, "
-            "which combines analytic KL with Pyro's enumeration"
-        )
-
-
 def is_reparameterized(site: Mapping) -> bool:
     """Whether a guide site's sample is a differentiable function of its parameters."""
     return bool(getattr(site["fn"], "has_rsample", False))
@@ -206,11 +208,22 @@ def sample_sites(trace: Trace) -> Dict[str, dict]:
     }
 
 
-def check_model_guide_sites(model_trace: Trace, guide_trace: Trace) -> None:
+def check_model_guide_sites(model_trace: Trace, guide_trace: Trace, strict: bool = False) -> None:
     """
+    The model/guide consistency checks that hold whatever Pyro's validation
+    setting, with errors that name the site. Guide sites that are not latents
+    of the model (observed in the guide or the model, or missing from the
+    model) are auxiliary, as in Trace_ELBO, which under validation warns about
+    the last (:func:`pyro.util.check_model_guide_match`).
+
+    :param strict: also reject those guide sites (for
+        :class:`~pyro_markov_kl.trace_enum_markov_kl_elbo.TraceEnumMarkovKL_ELBO`)
     :raises ValueError: naming the site, if a model latent has no guide site,
-        a guide site is neither in the model nor auxiliary, or a guide site is
-        observed.
+        or the model's and the guide's event shapes differ (with the words of
+        Pyro's error for the same situation, "Model and guide event_dims
+        disagree" or "Model and guide shapes disagree"); with ``strict``, if a
+        guide site is observed, observed in the model, or neither in the model
+        nor auxiliary
     """
     model_sites = sample_sites(model_trace)
     guide_sites = sample_sites(guide_trace)
@@ -222,30 +235,53 @@ def check_model_guide_sites(model_trace: Trace, guide_trace: Trace) -> None:
                 "(obs=...)"
             )
     for name, site in guide_sites.items():
-        if site["is_observed"]:
-            raise ValueError(
-                f"guide site '{name}' is observed (obs=...); observations belong in the model"
-            )
-        if name not in model_sites and not site["infer"].get("is_auxiliary"):
-            raise ValueError(
-                f"guide site '{name}' does not appear in the model; mark it "
-                "infer={'is_auxiliary': True} if it is an auxiliary variable of the guide"
-            )
-        if name in model_sites and model_sites[name]["is_observed"]:
-            raise ValueError(
-                f"site '{name}' is observed in the model but sampled in the guide; "
-                "remove it from the guide"
-            )
-        if name in model_sites:
-            q_event = site["fn"].event_shape
-            p_event = model_sites[name]["fn"].event_shape
-            if q_event != p_event:
-                raise ValueError(
-                    f"site '{name}': the guide's distribution has event shape "
-                    f"{tuple(q_event)} but the model's has {tuple(p_event)}; make them agree "
-                    "(declare the same dimensions as event dimensions on both sides, e.g. "
-                    ".to_event(1) in both)"
+        if strict:
+            _check_strict(name, site, model_sites)
+        if name not in model_sites or site["is_observed"] or model_sites[name]["is_observed"]:
+            continue
+        q_event = site["fn"].event_shape
+        p_event = model_sites[name]["fn"].event_shape
+        if q_event != p_event:
+            if len(q_event) != len(p_event):
+                pyro_words = (
+                    f"Model and guide event_dims disagree at site '{name}': "
+                    f"{len(p_event)} vs {len(q_event)}"
                 )
+            else:
+                pyro_words = (
+                    f"Model and guide shapes disagree at site '{name}': "
+                    f"{tuple(p_event)} vs {tuple(q_event)} (event shapes)"
+                )
+            raise ValueError(
+                f"{pyro_words}. The guide's distribution has event shape {tuple(q_event)} but "
+                f"the model's has {tuple(p_event)}; make them agree (declare the same "
+                "dimensions as event dimensions on both sides, e.g. .to_event(1) in both)"
+            )
+
+
+def _check_strict(name: str, site: Mapping, model_sites: Mapping[str, Mapping]) -> None:
+    if site["is_observed"]:
+        raise ValueError(
+            f"guide site '{name}' is observed (obs=...); observations belong in the model"
+        )
+    if name not in model_sites and not site["infer"].get("is_auxiliary"):
+        raise ValueError(
+            f"guide site '{name}' does not appear in the model; mark it "
+            "infer={'is_auxiliary': True} if it is an auxiliary variable of the guide"
+        )
+    if name in model_sites and model_sites[name]["is_observed"]:
+        raise ValueError(
+            f"site '{name}' is observed in the model but sampled in the guide; "
+            "remove it from the guide"
+        )
+
+
+def is_model_latent(name: str, guide_site: Mapping, model_sites: Mapping[str, Mapping]) -> bool:
+    """Whether a guide site is a latent of the model: sampled in both, observed in neither."""
+    model_site = model_sites.get(name)
+    return (
+        model_site is not None and not model_site["is_observed"] and not guide_site["is_observed"]
+    )
 
 
 def _first_in_order(names: frozenset, order: Tuple[str, ...]) -> str:
@@ -333,7 +369,8 @@ def build_plan(
     check_model_guide_sites(model_trace, guide_trace)
     model_sites = sample_sites(model_trace)
     guide_sites = sample_sites(guide_trace)
-    latents = frozenset(n for n, s in guide_sites.items())
+    # sampled guide values: a pyro.factor or pyro.deterministic is a function of them
+    latents = frozenset(n for n, s in guide_sites.items() if not s["is_observed"])
     descendants = guide_deps.descendants()
 
     records: Dict[str, SiteRecord] = {}
@@ -341,10 +378,12 @@ def build_plan(
     groups: Dict[Any, list] = {}
     for name, model_site in model_sites.items():
         if model_site["is_observed"]:
-            observed.append(name)
+            if name not in guide_sites:
+                observed.append(name)  # else one Monte Carlo term with the guide's, below
             continue
         guide_site = guide_sites[name]
-        _check_guide_site(name, guide_site)
+        if guide_site["is_observed"]:
+            continue  # auxiliary, below
         option = kl_option(name, guide_site)
         common = dict(
             name=name,
@@ -391,15 +430,10 @@ def build_plan(
         )
 
     for name, guide_site in guide_sites.items():
-        if name not in model_sites:
-            _check_guide_site(name, guide_site)
-            records[name] = SiteRecord(
-                name=name,
-                estimator="mc",
-                reason="auxiliary guide site: contributes -log q",
-                guide_parents=guide_deps.parents[name] & latents,
-                guide_descendants=descendants[name],
-                reparameterized=is_reparameterized(guide_site),
+        if not is_model_latent(name, guide_site, model_sites):
+            model_site = model_sites.get(name)
+            records[name] = auxiliary_record(
+                name, guide_site, model_site, guide_deps, model_deps, latents, descendants
             )
 
     plates = site_plates(model_sites, guide_sites)
@@ -412,6 +446,48 @@ def build_plan(
         guide=guide_deps,
         model=model_deps,
         kl_groups=tuple(tuple(g) for g in groups.values() if len(g) > 1),
+    )
+
+
+def auxiliary_record(
+    name: str,
+    guide_site: Mapping,
+    model_site: Optional[Mapping],
+    guide_deps: ProgramDependencies,
+    model_deps: ProgramDependencies,
+    latents: frozenset,
+    descendants: Mapping[str, frozenset],
+) -> SiteRecord:
+    r"""
+    The record of a guide site that is not a latent of the model: its term is
+    :math:`-\log q` (and the model's :math:`\log p` where the model has an
+    observed site of the same name), Monte Carlo, exactly as Trace_ELBO counts it.
+    """
+    if guide_site["is_observed"]:
+        what = "observed guide site (pyro.factor, pyro.deterministic or obs=...)"
+    elif guide_site["infer"].get("is_auxiliary"):
+        what = "auxiliary guide site"
+    elif model_site is None:
+        what = "guide site not in the model"
+    else:
+        what = "guide site observed in the model"
+    reparameterized = is_reparameterized(guide_site)
+    if model_site is not None:
+        what += ": contributes log p - log q at the observed value"
+        model_parents = model_deps.parents.get(name, frozenset()) & latents
+    else:
+        what += ": contributes -log q"
+        model_parents = frozenset()
+    return SiteRecord(
+        name=name,
+        estimator="mc",
+        reason=what,
+        guide_parents=guide_deps.parents[name] & latents,
+        model_parents=model_parents,
+        guide_descendants=descendants[name],
+        reparameterized=reparameterized,
+        auxiliary=True,
+        opaque=bool(guide_site["is_observed"]) and not reparameterized,
     )
 
 
@@ -451,6 +527,12 @@ def add_downstream_costs(
     result = dict(records)
     for name, rec in records.items():
         if rec.reparameterized:
+            continue
+        if rec.opaque:
+            # every term, summed over the site's plates: unbiased whatever depends on it
+            terms = tuple(term_inputs)
+            whole = tuple(plates(name) & plates(t) for t in terms)
+            result[name] = replace(rec, downstream=terms, downstream_summed=whole)
             continue
         affected = rec.guide_descendants | {name}
         # plates along which each affected site depends on z_k element by element

@@ -200,7 +200,7 @@ def build_enum_plan(
         2--5, and for inconsistent model/guide pairs
     """
     enumerated = _model_enumerated(model_trace, guide_trace)
-    check_model_guide_sites(_without(model_trace, enumerated), guide_trace)
+    check_model_guide_sites(_without(model_trace, enumerated), guide_trace, strict=True)
     symbol_to_site = {sym: name for name, sym in enumerated.items() if sym}
     model_sites = sample_sites(model_trace)
     guide_sites = sample_sites(guide_trace)

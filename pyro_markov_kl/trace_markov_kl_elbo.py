@@ -14,7 +14,7 @@ from pyro.infer.elbo import ELBO
 from pyro.infer.util import is_validation_enabled, torch_item
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
-from pyro.util import check_if_enumerated, check_model_guide_match, warn_if_nan
+from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape, warn_if_nan
 
 from .dependencies import analyse_dependencies
 from .guide_messenger import guide_messenger_traces, is_guide_messenger
@@ -177,7 +177,12 @@ class TraceMarkovKL_ELBO(ELBO):
                     self._build_plan, model, guide, args, kwargs, model_trace, guide_trace
                 ),
             )
-            yield prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace), plan
+            model_trace = prune_subsample_sites(model_trace)
+            guide_trace = prune_subsample_sites(guide_trace)
+            if is_validation_enabled():
+                for trace in (model_trace, guide_trace):
+                    check_site_shapes(trace, self.max_plate_nesting)
+            yield model_trace, guide_trace, plan
 
     # --- plans --------------------------------------------------------------------
     def _build_plan(
@@ -189,17 +194,10 @@ class TraceMarkovKL_ELBO(ELBO):
         model_trace: Trace,
         guide_trace: Trace,
     ) -> Plan:
+        # Sampled values that reach Python (.item(), bool(), an assert) make every later site
+        # depend on every earlier one (ProgramDependencies.unknown), with vectorize_particles=True
+        # too: the particles are one trace, so they cannot differ in structure.
         guide_deps, model_deps = analyse_dependencies(model, guide, guide_trace, args, kwargs)
-        if self.vectorize_particles:
-            for deps in (guide_deps, model_deps):
-                for names, where in deps.escapes:
-                    raise ValueError(
-                        f"site {', '.join(repr(n) for n in names)}: vectorize_particles=True "
-                        "needs a model and guide whose structure does not depend on sampled "
-                        f"values, but the value reached Python (.item(), bool(), .tolist(), "
-                        f"...) at {where}. Use vectorize_particles=False, or keep sampled values "
-                        "out of Python control flow (torch.where instead of if)"
-                    )
         return build_plan(
             prune_subsample_sites(model_trace),
             prune_subsample_sites(guide_trace),
@@ -225,12 +223,19 @@ class TraceMarkovKL_ELBO(ELBO):
 
     # --- estimators ----------------------------------------------------------------
     def _differentiable_loss_particle(
-        self, model_trace: Trace, guide_trace: Trace, plan: Plan
+        self, model_trace: Trace, guide_trace: Trace, plan: Plan, surrogate: bool = True
     ) -> Tuple[Any, Any]:
+        """
+        The loss and the surrogate loss of one particle; with ``surrogate=False``
+        the surrogate loss is ``None`` and no score-function term or baseline is
+        computed (baselines update their state in the param store).
+        """
         terms = elbo_terms(plan, model_trace, guide_trace)
         elbo_particle, surrogate_elbo_particle = sum_terms(terms)
-        score_elbo, baseline_loss = score_function_terms(plan, terms, guide_trace)
-        surrogate_loss = -(surrogate_elbo_particle + score_elbo) + baseline_loss
+        surrogate_loss = None
+        if surrogate:
+            score_elbo, baseline_loss = score_function_terms(plan, terms, guide_trace)
+            surrogate_loss = -(surrogate_elbo_particle + score_elbo) + baseline_loss
         if torch.is_tensor(elbo_particle):
             loss = -(
                 elbo_particle.detach()
@@ -247,6 +252,8 @@ class TraceMarkovKL_ELBO(ELBO):
         :rtype: float
 
         Evaluates the ELBO with an estimator that uses ``num_particles`` samples.
+        Like TraceGraph_ELBO's, it leaves the param store alone: no
+        score-function term is formed, so no baseline is updated.
         """
         loss = 0.0
         with torch.no_grad():
@@ -254,7 +261,7 @@ class TraceMarkovKL_ELBO(ELBO):
                 model, guide, args, kwargs
             ):
                 loss_particle, _ = self._differentiable_loss_particle(
-                    model_trace, guide_trace, plan
+                    model_trace, guide_trace, plan, surrogate=False
                 )
                 loss += loss_particle / self.num_particles
         warn_if_nan(loss, "loss")
@@ -311,6 +318,32 @@ class TraceMarkovKL_ELBO(ELBO):
                 surrogate_particle.backward(retain_graph=self.retain_graph)
         warn_if_nan(loss, "loss")
         return loss
+
+
+def check_site_shapes(trace: Trace, max_plate_nesting: float) -> None:
+    """
+    Pyro's :func:`~pyro.util.check_site_shape` at every sample site, as
+    :func:`pyro.infer.enum.get_importance_trace` runs it for Trace_ELBO under
+    validation, from the shape of each site's ``log_prob`` (broadcast from the
+    batch shape and the value's shape; computed only where that fails, to
+    raise the distribution's own error), without computing it.
+
+    :raises ValueError: Pyro's errors (``invalid log_prob shape``, ``plate stack
+        overflow``, ``dim collision``)
+    """
+    for site in trace.nodes.values():
+        if site["type"] != "sample":
+            continue
+        log_prob = site.get("log_prob")
+        if log_prob is None:
+            fn, value = site["fn"], site["value"]
+            try:
+                batch = value.shape[: value.dim() - len(fn.event_shape)]
+                shape = torch.broadcast_shapes(fn.batch_shape, batch)
+            except (AttributeError, RuntimeError):
+                shape = fn.log_prob(value).shape
+            site = dict(site, log_prob=torch.empty(shape, device="meta"))
+        check_site_shape(site, max_plate_nesting)
 
 
 def _arg_shapes(args: Any) -> tuple:
