@@ -49,6 +49,8 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from helpers import exact, loss_and_grad_stats, z_scores
+from pyro.infer import Trace_ELBO
 from recorded import (
     FOCI,
     compare,
@@ -148,17 +150,30 @@ def test_seeds_cover_the_families():
     assert {"flag", "wiring", "tq", "wide"} <= keys
 
 
-def test_guide_deterministic_is_rejected():
-    """An observed guide site (``pyro.deterministic`` in the guide) is an error that names
-    the site, not a silent estimate."""
+def test_guide_deterministic_feeds_a_later_guide_site():
+    """``pyro.deterministic`` in the guide runs as with Trace_ELBO (a zero ``-log q`` term), and
+    its value keeps its provenance: a guide site computed from it depends on ``z``."""
 
     def model():
-        pyro.sample("z", dist.Normal(0.0, 1.0))
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("w", dist.Normal(0.5 * z, 1.0))
 
     def guide():
-        z = pyro.sample("z", dist.Normal(pyro.param("loc", torch.tensor(0.0)), 1.0))
-        pyro.deterministic("gd", 2 * z)
+        z = pyro.sample("z", dist.Normal(pyro.param("loc", torch.tensor(0.3)), 1.0))
+        gd = pyro.deterministic("gd", 2 * z)
+        pyro.sample("w", dist.Normal(gd, 1.0))
 
     pyro.clear_param_store()
-    with pytest.raises(ValueError, match="'gd' is observed"):
-        TraceMarkovKL_ELBO().differentiable_loss(model, guide)
+    plan = TraceMarkovKL_ELBO().explain(model, guide)
+    assert "z" in plan.sites["w"].guide_parents
+    # w's model parent z is not a guide descendant of w; z's model children do not matter
+    assert plan.sites["w"].estimator == "analytic"
+    assert plan.sites["z"].estimator == "analytic"
+    loc = pyro.param("loc").unconstrained()
+    # -ELBO = KL(N(loc,1)||N(0,1)) + E_z KL(N(2z,1)||N(z/2,1)) = loc^2/2 + 1.125 (1 + loc^2)
+    reference = exact(0.5 * loc**2 + 1.125 * (1 + loc**2), [loc])
+    pyro.set_rng_seed(0)
+    kwargs = dict(num_particles=2000, vectorize_particles=True, max_plate_nesting=0)
+    for elbo in (TraceMarkovKL_ELBO(**kwargs), Trace_ELBO(**kwargs)):
+        z = z_scores(loss_and_grad_stats(elbo, model, guide, [loc], 20), reference)
+        assert z["loss"] < 5 and float(z["grad"].max()) < 5, (type(elbo).__name__, z)
