@@ -102,6 +102,8 @@ TEST_FILES = {
 #: Test helper modules (imported by the tests as top-level modules) -> (Pyro module, path).
 TEST_HELPERS = {
     "lg": ("tests.infer.markov_kl.linear_gaussian", f"{TESTS_SUBDIR}/linear_gaussian.py"),
+    "helpers": ("tests.infer.markov_kl.helpers", f"{TESTS_SUBDIR}/helpers.py"),
+    "programs": ("tests.infer.markov_kl.programs", f"{TESTS_SUBDIR}/programs.py"),
 }
 #: Test modules left out entirely, with the reason.
 LEFT_OUT_TESTS = {
