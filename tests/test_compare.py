@@ -1,10 +1,13 @@
 # SPDX-FileCopyrightText: 2026 pyro-markov-kl developers
 # SPDX-License-Identifier: Apache-2.0
 
-"""Tests of :mod:`pyro_markov_kl.compare` and of the DMM comparison script."""
+"""Tests of :mod:`pyro_markov_kl.compare` and of the DMM comparison scripts."""
 
 import csv
 import math
+import os
+import subprocess
+import sys
 import warnings
 
 import pyro
@@ -16,7 +19,8 @@ from pyro.infer import RenyiELBO, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_EL
 from torch.distributions import constraints
 
 from pyro_markov_kl import TraceMarkovKL_ELBO
-from pyro_markov_kl.compare import ROW_KEYS, ELBOComparison, compare_elbos, main, param_group
+from pyro_markov_kl.compare import ROW_KEYS, ELBOComparison, compare_elbos, param_group
+from pyro_markov_kl.examples.dmm_gradient_variance import main
 
 M, S = 0.5, 0.8
 
@@ -295,10 +299,36 @@ def test_cli(tmp_path, capsys: pytest.CaptureFixture) -> None:
     out = capsys.readouterr().out
     assert "trained 2 steps" in out and "gradient variance by module" in out
     assert set(table.modules) == {"combiner", "emitter", "h_0", "rnn", "trans", "z_0", "z_q_0"}
+    # the backward guide: TraceMeanField_ELBO is marked biased at every step but the first
+    assert table.biased == ["TraceMeanField_ELBO"]
+    assert table["TraceMeanField_ELBO"]["biased_sites"] == [f"z_{t}" for t in range(6, 1, -1)]
+    assert "BIASED: TraceMeanField_ELBO" in out and "biased at z_6, z_5, z_4, ..." in out
     table = main(args + ["--elbos", "trace,tracegraph"])
     assert table.names == ["Trace_ELBO", "TraceGraph_ELBO"]
     with pytest.raises(SystemExit):
         main(args + ["--elbos", "nope"])
+
+
+def test_old_cli_forwards_and_library_does_not_import_examples() -> None:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root}
+    run = subprocess.run(
+        [sys.executable, "-m", "pyro_markov_kl.compare", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env=env,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "python -m pyro_markov_kl.examples.dmm_gradient_variance" in run.stdout
+    assert "has moved to" in run.stderr
+    code = "import sys, pyro_markov_kl.compare; print(any('examples' in m for m in sys.modules))"
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=root, env=env, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "False"
 
 
 def test_dmm_compare_tiny(tmp_path, capsys: pytest.CaptureFixture) -> None:
