@@ -489,6 +489,15 @@ def mark_funsor_tests(text: str) -> tuple[str, list[str]]:
     return "".join(lines), sorted(marked)
 
 
+def drop_slow_marks(text: str) -> str:
+    """
+    Remove ``@pytest.mark.slow`` decorators: Pyro registers no ``slow`` marker (its pytest
+    configuration turns warnings into errors) and runs every test; ``--check`` has its own
+    quick selection (:data:`QUICK_SKIP_TESTS`).
+    """
+    return re.sub(r"(?m)^[ \t]*@pytest\.mark\.slow[ \t]*\n", "", text)
+
+
 def copy_tests() -> CopiedTests:
     """Our test modules and helpers, as they go into Pyro."""
     result = CopiedTests()
@@ -497,7 +506,7 @@ def copy_tests() -> CopiedTests:
         source = pyro_header(path.read_text(encoding="utf-8"), str(path.relative_to(REPO)))
         source, dropped = drop_excluded(source, path.name)
         result.dropped += dropped
-        text = rewrite_text(rewrite_imports(source, None))
+        text = drop_slow_marks(rewrite_text(rewrite_imports(source, None)))
         text, marked = mark_funsor_tests(text)
         result.funsor_tests += [f"{path.name}::{n}" for n in marked]
         result.files[target] = text

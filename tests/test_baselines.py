@@ -191,6 +191,7 @@ def _switching_grads(elbo, ssm, x, draws, seed):
     return torch.stack(grads)
 
 
+@pytest.mark.slow
 def test_switching_variance_reduction():
     """On the switching model the leave-one-out baseline removes most of the variance of the
     guide gradients (measured at 0.06-0.2x in benchmarks/switching_variance.py), with the same

@@ -156,6 +156,7 @@ def hmm_guide(ys):
         pyro.sample(name, dist.Normal(m, s))
 
 
+@pytest.mark.slow
 def test_hmm():
     pyro.clear_param_store()
     plan = TraceEnumMarkovKL_ELBO(max_plate_nesting=0).explain(hmm_model, hmm_guide, HMM_DATA)

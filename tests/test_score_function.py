@@ -121,6 +121,7 @@ def test_matches_tracegraph_with_plates_and_masks():
     assert set(plan.sites["k"].downstream) == {"x", "z"}
 
 
+@pytest.mark.slow
 def test_switching_model_gradient_variance_below_tracegraph():
     """Per guide parameter tensor, the gradient variance is at most TraceGraph_ELBO's, and in
     total below half of it (the issue's benchmark target). With the analytic KLs alone (no
