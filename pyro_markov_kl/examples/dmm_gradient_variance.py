@@ -149,7 +149,7 @@ def main(argv: Optional[Sequence[str]] = None) -> ELBOComparison:
 
     :param argv: command-line arguments (see ``--help``); ``None`` reads :data:`sys.argv`.
     :return: the comparison.
-    :rtype: ELBOComparison
+    :rtype: pyro_markov_kl.compare.ELBOComparison
     """
     from pyro.infer import SVI
     from pyro.optim import ClippedAdam
