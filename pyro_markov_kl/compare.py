@@ -39,15 +39,18 @@ two unbiased estimators the means agree in expectation, so a difference
 :class:`~pyro.infer.TraceMeanField_ELBO` with a guide whose dependency structure is not the
 model's).
 
-Run as ``python -m pyro_markov_kl.compare`` to compare the estimators on the Deep Markov Model of
-:mod:`pyro_markov_kl.examples.dmm` on a JSB Chorales mini-batch (see ``--help``).
+Each estimator is also marked valid, biased (naming the sites) or unchecked for the model and
+guide (see :class:`ELBOComparison`).
+
+``python -m pyro_markov_kl.examples.dmm_gradient_variance`` runs the comparison on the Deep Markov
+Model of :mod:`pyro_markov_kl.examples.dmm` on a JSB Chorales mini-batch (see ``--help``; the
+former ``python -m pyro_markov_kl.compare`` forwards to it).
 """
 
-import argparse
 import math
 import statistics
+import textwrap
 import time
-import warnings
 from collections import OrderedDict
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -57,7 +60,7 @@ import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.elbo import ELBO
 
-__all__ = ["ELBOComparison", "compare_elbos", "main", "make_parser", "param_group"]
+__all__ = ["ELBOComparison", "compare_elbos", "param_group"]
 
 #: The keys of each dict of :meth:`ELBOComparison.to_dicts`.
 ROW_KEYS = (
@@ -72,7 +75,32 @@ ROW_KEYS = (
     "grad_mean_norm",
     "num_params",
     "step_time",
+    "validity",
+    "biased_sites",
+    "validity_reason",
 )
+
+#: Estimator classes whose ELBO estimate and gradient are unbiased for any model and guide they
+#: run on (checked by exact class: a subclass may change the estimator).
+UNBIASED_ELBOS = (
+    "pyro.infer.trace_elbo.Trace_ELBO",
+    "pyro.infer.trace_elbo.JitTrace_ELBO",
+    "pyro.infer.tracegraph_elbo.TraceGraph_ELBO",
+    "pyro.infer.tracegraph_elbo.JitTraceGraph_ELBO",
+    "pyro_markov_kl.trace_markov_kl_elbo.TraceMarkovKL_ELBO",
+    "pyro_markov_kl.trace_markov_kl_elbo.JitTraceMarkovKL_ELBO",
+    "pyro_markov_kl.trace_enum_markov_kl_elbo.TraceEnumMarkovKL_ELBO",
+    "pyro_markov_kl.trace_enum_markov_kl_elbo.JitTraceEnumMarkovKL_ELBO",
+)
+
+#: Estimator classes that use the analytic KL at every latent site that has one, unconditionally
+#: (Pyro's mean-field estimators): biased where a model parent of the site is a guide descendant.
+ALWAYS_ANALYTIC_ELBOS = (
+    "pyro.infer.trace_mean_field_elbo.TraceMeanField_ELBO",
+    "pyro.infer.trace_mean_field_elbo.JitTraceMeanField_ELBO",
+)
+
+_BIAS_NOTE = "model parent sampled after it in the guide"
 
 ELBOsArg = Union[None, ELBO, Mapping[str, ELBO], Sequence[ELBO]]
 
@@ -133,6 +161,130 @@ def _named_elbos(elbos: ELBOsArg) -> "OrderedDict[str, ELBO]":
                 f"{name!r} is not an ELBO: it has neither differentiable_loss nor loss_and_grads"
             )
     return named
+
+
+def _class_path(elbo: Any) -> str:
+    cls = type(elbo)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _plan_elbo(named: Mapping[str, ELBO]) -> Any:
+    """A :class:`~pyro_markov_kl.TraceMarkovKL_ELBO` to make the plan with: one of the compared
+    estimators if there is one (its plan cache then serves its draws), else a new one."""
+    from pyro_markov_kl import TraceMarkovKL_ELBO
+
+    for elbo in named.values():
+        if type(elbo) is TraceMarkovKL_ELBO:
+            return elbo
+    nesting = min(
+        (getattr(e, "max_plate_nesting", math.inf) for e in named.values()), default=math.inf
+    )
+    return TraceMarkovKL_ELBO(max_plate_nesting=nesting)
+
+
+def _kl_sites(
+    model: Callable, guide: Callable, names: Sequence[str], args: tuple, kwargs: dict
+) -> List[str]:
+    """The sites among ``names`` for which :func:`torch.distributions.kl_divergence` of the
+    guide's and the model's distributions exists (where ``TraceMeanField_ELBO`` uses it)."""
+    from torch.distributions import kl_divergence
+
+    with poutine.block():
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            *args, **kwargs
+        )
+    found = []
+    for name in names:
+        if name not in guide_trace.nodes or name not in model_trace.nodes:
+            continue
+        try:
+            with torch.no_grad():
+                kl_divergence(guide_trace.nodes[name]["fn"], model_trace.nodes[name]["fn"])
+        except Exception:  # NotImplementedError, or a KL that does not apply to these shapes
+            continue
+        found.append(name)
+    return found
+
+
+def _biased_sites(
+    named: Mapping[str, ELBO], model: Callable, guide: Callable, args: tuple, kwargs: dict
+) -> Tuple[List[str], str]:
+    """
+    The sites where an always-analytic estimator is biased on this model and guide, in guide
+    order, and an error message if the dependency analysis failed (then the list is empty).
+    """
+    from pyro_markov_kl.plan import bias_reason
+
+    try:
+        plan = _plan_elbo(named).explain(model, guide, *args, **kwargs)
+    except Exception as e:  # the analysis does not support this program: say so
+        return [], f"dependency analysis failed: {type(e).__name__}: {e}"
+    candidates = [
+        name
+        for name, rec in plan.sites.items()
+        if not rec.auxiliary
+        and bias_reason(name, rec.model_parents, rec.guide_descendants, plan.guide, plan.model)
+        is not None
+    ]
+    if not candidates:
+        return [], ""
+    try:
+        biased = _kl_sites(model, guide, candidates, args, kwargs)
+    except Exception as e:
+        return [], f"could not trace the model and guide: {type(e).__name__}: {e}"
+    order = plan.guide.order
+    biased.sort(key=lambda n: order.index(n) if n in order else len(order))
+    return biased, ""
+
+
+def _validity(
+    named: Mapping[str, ELBO], model: Callable, guide: Callable, args: tuple, kwargs: dict
+) -> Dict[str, Tuple[str, List[str], str]]:
+    """``{name: (validity, biased_sites, validity_reason)}`` of each compared estimator."""
+    out: Dict[str, Tuple[str, List[str], str]] = {}
+    checks = [n for n, e in named.items() if _class_path(e) in ALWAYS_ANALYTIC_ELBOS]
+    biased: List[str] = []
+    failure = ""
+    if checks:
+        # the check draws samples: leave the random state as it was, so that the draws below
+        # are the ones they would be without it
+        state = pyro.util.get_rng_state()
+        try:
+            biased, failure = _biased_sites(named, model, guide, args, kwargs)
+        finally:
+            pyro.util.set_rng_state(state)
+    for name, elbo in named.items():
+        path = _class_path(elbo)
+        if path in UNBIASED_ELBOS:
+            out[name] = ("valid", [], "unbiased for any model and guide")
+        elif name not in checks:
+            out[name] = (
+                "unchecked",
+                [],
+                f"{type(elbo).__name__} is not an estimator pyro_markov_kl can vouch for",
+            )
+        elif failure:
+            out[name] = ("unchecked", [], failure)
+        elif biased:
+            out[name] = (
+                "biased",
+                list(biased),
+                f"analytic KL at {_site_list(biased)} ({_BIAS_NOTE}): its conditional KL "
+                "is not the expected log-ratio there",
+            )
+        else:
+            out[name] = (
+                "valid",
+                [],
+                "no model parent of a KL site is sampled after it in the guide",
+            )
+    return out
+
+
+def _site_list(names: Sequence[str], limit: int = 3) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... (+{len(names) - limit})" if len(names) > limit else "")
 
 
 def _captured_params(trace: Any) -> "OrderedDict[str, torch.Tensor]":
@@ -274,6 +426,7 @@ def compare_elbos(
     if num_draws < 2:
         raise ValueError(f"num_draws must be at least 2 to estimate a variance, got {num_draws}")
     named = _named_elbos(elbos)
+    validity = _validity(named, model, guide, args, kwargs)
     rows: List[Dict[str, Any]] = []
     for name, elbo in named.items():
         values: List[float] = []
@@ -304,9 +457,19 @@ def compare_elbos(
                 "grad_mean_norm": math.sqrt(mean_sq),
                 "num_params": sum(m.numel() for m in acc.mean.values()),
                 "step_time": statistics.median(times),
+                "validity": validity[name][0],
+                "biased_sites": validity[name][1],
+                "validity_reason": validity[name][2],
             }
         )
     return ELBOComparison(rows)
+
+
+def _valid_cell(row: Mapping[str, Any]) -> str:
+    validity = row.get("validity", "unchecked")
+    if validity == "biased":
+        return f"biased at {_site_list(row['biased_sites'])} ({_BIAS_NOTE})"
+    return "yes" if validity == "valid" else validity
 
 
 def _fmt(x: float, width: int, sci: bool = False) -> str:
@@ -342,9 +505,22 @@ class ELBOComparison:
       ``{group: variance}`` of the same sum within each parameter group (:func:`param_group`);
     * ``grad_mean_norm``: the Euclidean norm of the mean gradient (the signal the variance is
       noise on), and ``num_params``: the number of parameter coordinates;
-    * ``step_time``: the median wall-clock time in seconds of one loss + gradient evaluation.
+    * ``step_time``: the median wall-clock time in seconds of one loss + gradient evaluation;
+    * ``validity``: whether the estimator is unbiased for this model and guide, as far as
+      :func:`compare_elbos` can tell: ``"valid"`` (``Trace_ELBO``, ``TraceGraph_ELBO``,
+      :class:`~pyro_markov_kl.TraceMarkovKL_ELBO` and their JIT versions, see
+      :data:`UNBIASED_ELBOS`; or a ``TraceMeanField_ELBO`` whose analytic KLs are all
+      unbiased here), ``"biased"`` (a ``TraceMeanField_ELBO`` that uses the analytic KL at a
+      site where the plan of :meth:`~pyro_markov_kl.TraceMarkovKL_ELBO.explain` finds it
+      biased: a model parent of the site is sampled after it in the guide and depends on it,
+      :func:`pyro_markov_kl.plan.bias_reason`) or ``"unchecked"`` (any other estimator class,
+      or the dependency analysis failed). The ELBO mean and the gradient variance of a biased
+      estimator are those of a different objective: a low variance does not recommend it;
+    * ``biased_sites``: the list of those biased sites, in guide order (empty unless
+      ``validity`` is ``"biased"``), and ``validity_reason``: a sentence saying why.
 
-    :param rows: the rows, dicts with the keys above.
+    :param rows: the rows, dicts with the keys above (rows without the ``validity`` keys, as
+        made before they existed, are shown as ``"unchecked"``).
     """
 
     def __init__(self, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -379,14 +555,22 @@ class ELBOComparison:
     def _copy(row: Mapping[str, Any]) -> Dict[str, Any]:
         out = dict(row)
         out["grad_var_by_module"] = dict(row["grad_var_by_module"])
+        out.setdefault("validity", "unchecked")
+        out["biased_sites"] = list(row.get("biased_sites", ()))
+        out.setdefault("validity_reason", "not checked")
         return out
+
+    @property
+    def biased(self) -> List[str]:
+        """The names of the estimators found biased for this model and guide."""
+        return [row["name"] for row in self._rows if row.get("validity") == "biased"]
 
     def to_dicts(self) -> List[Dict[str, Any]]:
         """
         The rows as plain dicts (copies), with the keys listed in the class documentation:
         ``name``, ``estimator``, ``num_draws``, ``elbo_mean``, ``elbo_se``, ``elbo_std``,
         ``grad_var``, ``grad_var_by_module``, ``grad_mean_norm``, ``num_params``,
-        ``step_time``.
+        ``step_time``, ``validity``, ``biased_sites``, ``validity_reason``.
 
         :rtype: list
         """
@@ -413,8 +597,14 @@ class ELBOComparison:
             ("|mean grad|", "grad_mean_norm", 11),
             ("ms/step", "step_time", 9),
         ]
-        lines.append(f"{'estimator':<{name_w}}" + "".join(f" {h:>{w}}" for h, _, w in cols))
-        for row in self._rows:
+        valid = [_valid_cell(row) for row in self._rows]
+        valid_w = max(len("valid"), *(len(v) for v in valid))
+        lines.append(
+            f"{'estimator':<{name_w}}"
+            + "".join(f" {h:>{w}}" for h, _, w in cols)
+            + f"  {'valid':<{valid_w}}"
+        )
+        for row, cell in zip(self._rows, valid):
             cells = []
             for _, key, w in cols:
                 x = row[key] * 1000.0 if key == "step_time" else row[key]
@@ -422,7 +612,7 @@ class ELBOComparison:
                     cells.append(f" {x:>{w}.1f}")
                 else:
                     cells.append(" " + _fmt(x, w, sci=key.startswith("grad")))
-            lines.append(f"{row['name']:<{name_w}}" + "".join(cells))
+            lines.append(f"{row['name']:<{name_w}}" + "".join(cells) + f"  {cell:<{valid_w}}")
         modules = self.modules
         if len(modules) > 1:
             lines.append("")
@@ -445,6 +635,29 @@ class ELBOComparison:
             "std: of one ELBO estimate; SE = std / sqrt(draws): of the mean. grad var: sum over "
             "coordinates of the variance of one draw's gradient."
         )
+        for row in self._rows:
+            validity = row.get("validity", "unchecked")
+            if validity == "biased":
+                sites = row["biased_sites"]
+                lines.extend(
+                    textwrap.wrap(
+                        f"BIASED: {row['name']} uses the analytic KL at {len(sites)} "
+                        f"site(s) ({_site_list(sites)}) whose model parent is sampled after "
+                        "the site in the guide and depends on it; there the KL conditioned on "
+                        "the sampled parents is not the expected log-ratio, so its ELBO mean "
+                        "and gradient are those of another objective (a low gradient variance "
+                        "does not recommend it; the bias may be small at initialisation and "
+                        "grow as the guide moves away from the prior). Use an estimator marked "
+                        "valid.",
+                        width=100,
+                        subsequent_indent="  ",
+                    )
+                )
+            elif validity == "unchecked":
+                lines.append(
+                    f"unchecked: {row['name']}: "
+                    f"{row.get('validity_reason', 'not checked')}; its bias is not known."
+                )
         return "\n".join(lines)
 
     def plot(self, path: Optional[str] = None) -> Any:
@@ -493,7 +706,17 @@ class ELBOComparison:
             values = [row["grad_var"]] + [row["grad_var_by_module"].get(m, 0.0) for m in groups[1:]]
             xs = [j + (i - (num - 1) / 2.0) * width for j in range(len(groups))]
             heights = [v if math.isfinite(v) and v > 0 else math.nan for v in values]
-            bars = ax_var.bar(xs, heights, width=width, label=row["name"], bottom=0)
+            validity = row.get("validity", "unchecked")
+            label = row["name"] if validity == "valid" else f"{row['name']} ({validity.upper()})"
+            bars = ax_var.bar(
+                xs,
+                heights,
+                width=width,
+                label=label,
+                bottom=0,
+                hatch="//" if validity == "biased" else (".." if validity != "valid" else None),
+                edgecolor="black" if validity != "valid" else None,
+            )
             color = bars.patches[0].get_facecolor() if bars.patches else None
             for x, v in zip(xs, values):
                 if v == 0:
@@ -510,16 +733,32 @@ class ELBOComparison:
 
         xs = list(range(num))
         for i, row in enumerate(self._rows):
+            validity = row.get("validity", "unchecked")
             ax_elbo.errorbar(
                 [xs[i]],
                 [row["elbo_mean"]],
                 yerr=[row["elbo_se"]],
-                fmt="o",
+                fmt="X" if validity == "biased" else ("o" if validity == "valid" else "s"),
+                markersize=9 if validity == "biased" else 6,
                 capsize=5,
                 color=f"C{i % 10}",
             )
+            if validity != "valid":
+                ax_elbo.annotate(
+                    validity.upper(),
+                    (xs[i], row["elbo_mean"]),
+                    xytext=(6, 6),
+                    textcoords="offset points",
+                    fontsize=8,
+                    color="red" if validity == "biased" else "gray",
+                    fontweight="bold" if validity == "biased" else "normal",
+                )
         ax_elbo.set_xticks(xs)
-        ax_elbo.set_xticklabels(self.names, rotation=30, ha="right")
+        labels = []
+        for row in self._rows:
+            validity = row.get("validity", "unchecked")
+            labels.append(row["name"] if validity == "valid" else f"{row['name']} ({validity})")
+        ax_elbo.set_xticklabels(labels, rotation=30, ha="right")
         ax_elbo.set_xlim(-0.5, num - 0.5)
         ax_elbo.set_ylabel("ELBO")
         num_draws = self._rows[0]["num_draws"] if self._rows else 0
@@ -530,211 +769,16 @@ class ELBOComparison:
         return fig
 
 
-# --- command line ------------------------------------------------------------------------------
+if __name__ == "__main__":
+    # the DMM command line moved to the examples; forward to it without importing the examples
+    # into the library
+    import runpy
+    import sys
 
-_ELBO_CHOICES = ("markov-kl", "trace", "meanfield", "tracegraph")
-_FULL_SIZE = {
-    "z_dim": 100,
-    "emission_dim": 100,
-    "transition_dim": 200,
-    "rnn_dim": 600,
-    "rnn_nonlinearity": "relu",
-    "batch_size": 20,
-    "max_steps": 0,
-}
-
-
-def make_parser() -> argparse.ArgumentParser:
-    """
-    The command-line interface of :func:`main`.
-
-    :rtype: argparse.ArgumentParser
-    """
-    parser = argparse.ArgumentParser(
-        prog="python -m pyro_markov_kl.compare",
-        description=(
-            "Compare ELBO estimators (ELBO mean and standard error, gradient variance in total "
-            "and per module, step time) on the Deep Markov Model of "
-            "pyro_markov_kl.examples.dmm, on one JSB Chorales mini-batch, at fixed parameters. "
-            "The defaults are small (under a minute on one CPU core); --full-size uses Pyro's "
-            "full DMM on whole sequences."
-        ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument(
-        "--elbos",
-        default="markov-kl,trace,meanfield",
-        help=f"comma-separated estimators among {', '.join(_ELBO_CHOICES)}",
-    )
-    parser.add_argument("--guide", choices=("forward", "backward"), default="forward")
-    parser.add_argument("--num-draws", type=int, default=20, help="independent draws per ELBO")
-    parser.add_argument(
-        "--num-particles", type=int, default=1, help="samples per ELBO estimate (per draw)"
-    )
-    parser.add_argument(
-        "--plot", metavar="PATH", default=None, help="save a figure of the comparison there"
-    )
-    parser.add_argument(
-        "--train-steps",
-        type=int,
-        default=0,
-        help="first train this many SVI steps with TraceMarkovKL_ELBO (ClippedAdam, the DMM "
-        "example's settings) on random mini-batches of the same size and length",
-    )
-    parser.add_argument(
-        "--learning-rate", type=float, default=0.003, help="step size of --train-steps"
-    )
-    parser.add_argument("--split", choices=("train", "valid", "test"), default="train")
-    parser.add_argument("-b", "--batch-size", type=int, default=10, help="sequences per batch")
-    parser.add_argument(
-        "--max-steps",
-        type=int,
-        default=40,
-        help="cut the sequences to their first N time steps (0: whole sequences)",
-    )
-    parser.add_argument(
-        "--annealing-factor", type=float, default=1.0, help="KL annealing factor of the latents"
-    )
-    parser.add_argument("--z-dim", type=int, default=16, help="latent dimension (full: 100)")
-    parser.add_argument("--emission-dim", type=int, default=32, help="emitter hidden (full: 100)")
-    parser.add_argument(
-        "--transition-dim", type=int, default=64, help="transition hidden (full: 200)"
-    )
-    parser.add_argument("--rnn-dim", type=int, default=64, help="guide RNN hidden (full: 600)")
-    parser.add_argument(
-        "--rnn-nonlinearity", choices=("tanh", "relu"), default="tanh", help="(full: relu)"
-    )
-    parser.add_argument(
-        "--full-size",
-        action="store_true",
-        help="Pyro's full-size DMM (z 100, emission 100, transition 200, RNN 600 relu) on "
-        "mini-batches of 20 whole sequences; overrides the size flags",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
-    parser.add_argument(
-        "--num-threads", type=int, default=1, help="torch threads (0: leave torch's default)"
-    )
-    return parser
-
-
-def _build_named_elbo(name: str, num_particles: int) -> ELBO:
-    if name == "tracegraph":
-        from pyro.infer import TraceGraph_ELBO
-
-        return TraceGraph_ELBO(num_particles=num_particles, max_plate_nesting=1)
-    from pyro_markov_kl.examples.dmm import build_elbo
-
-    return build_elbo(name, num_particles=num_particles)
-
-
-def _jsb_batch(
-    sequences: torch.Tensor, lengths: torch.Tensor, indices: torch.Tensor, max_steps: int
-) -> tuple:
-    from pyro_markov_kl.data import get_mini_batch
-
-    if max_steps > 0:
-        lengths = lengths.clamp(max=max_steps)
-        sequences = sequences[:, :max_steps]
-    return get_mini_batch(indices, sequences, lengths)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> ELBOComparison:
-    """
-    Compare ELBO estimators on the DMM of :mod:`pyro_markov_kl.examples.dmm` on a JSB Chorales
-    mini-batch, print the table and optionally save a figure.
-
-    :param argv: command-line arguments (see ``--help``); ``None`` reads :data:`sys.argv`.
-    :return: the comparison.
-    :rtype: ELBOComparison
-    """
-    from pyro.infer import SVI
-    from pyro.optim import ClippedAdam
-
-    from pyro_markov_kl.data import load_jsb_chorales
-    from pyro_markov_kl.examples.dmm import DMM
-
-    args = make_parser().parse_args(argv)
-    if args.full_size:
-        for key, value in _FULL_SIZE.items():
-            setattr(args, key, value)
-    names = [n.strip() for n in args.elbos.split(",") if n.strip()]
-    unknown = [n for n in names if n not in _ELBO_CHOICES]
-    if unknown or not names:
-        raise SystemExit(f"unknown --elbos {unknown or args.elbos!r}; choose among {_ELBO_CHOICES}")
-    if args.num_threads > 0:
-        torch.set_num_threads(args.num_threads)
-
-    pyro.set_rng_seed(args.seed)
-    pyro.clear_param_store()
-    data = load_jsb_chorales(args.split)
-    sequences, lengths = data["sequences"], data["sequence_lengths"]
-    num_sequences = len(lengths)
-    generator = torch.Generator().manual_seed(args.seed)
-    batch_size = min(args.batch_size, num_sequences)
-    indices = torch.randperm(num_sequences, generator=generator)[:batch_size]
-    batch = _jsb_batch(sequences, lengths, indices, args.max_steps)
-
-    dmm = DMM(
-        z_dim=args.z_dim,
-        emission_dim=args.emission_dim,
-        transition_dim=args.transition_dim,
-        rnn_dim=args.rnn_dim,
-        guide=args.guide,
-        rnn_nonlinearity=args.rnn_nonlinearity,
-    )
     print(
-        f"DMM guide={args.guide} z_dim={args.z_dim} emission_dim={args.emission_dim} "
-        f"transition_dim={args.transition_dim} rnn_dim={args.rnn_dim}; {args.split} mini-batch "
-        f"of {batch_size} sequences, {int(batch[3].sum())} time slices (T={batch[0].size(1)})",
+        "python -m pyro_markov_kl.compare has moved to python -m "
+        "pyro_markov_kl.examples.dmm_gradient_variance (same options); running it",
+        file=sys.stderr,
         flush=True,
     )
-    with warnings.catch_warnings():
-        if args.guide == "backward":
-            # TraceMeanField_ELBO warns that the guide's site order is not the model's
-            warnings.filterwarnings("ignore", message="Failed to verify mean field restriction")
-        if args.train_steps > 0:
-            from pyro_markov_kl import TraceMarkovKL_ELBO
-
-            optim = ClippedAdam(
-                {
-                    "lr": args.learning_rate,
-                    "betas": (0.96, 0.999),
-                    "clip_norm": 10.0,
-                    "lrd": 0.99996,
-                    "weight_decay": 2.0,
-                }
-            )
-            svi = SVI(dmm.model, dmm.guide, optim, TraceMarkovKL_ELBO(max_plate_nesting=1))
-            start = time.perf_counter()
-            loss = math.nan
-            for _ in range(args.train_steps):
-                train_indices = torch.randperm(num_sequences, generator=generator)[:batch_size]
-                train_batch = _jsb_batch(sequences, lengths, train_indices, args.max_steps)
-                loss = svi.step(*train_batch, args.annealing_factor)
-            print(
-                f"trained {args.train_steps} steps with TraceMarkovKL_ELBO in "
-                f"{time.perf_counter() - start:.1f} s (last loss per time slice "
-                f"{loss / float(train_batch[3].sum()):.4f})",
-                flush=True,
-            )
-        elbos = OrderedDict()
-        for name in names:
-            elbo = _build_named_elbo(name, args.num_particles)
-            elbos[type(elbo).__name__] = elbo
-        table = compare_elbos(
-            dmm.model,
-            dmm.guide,
-            *batch,
-            args.annealing_factor,
-            elbos=elbos,
-            num_draws=args.num_draws,
-        )
-    print(table, flush=True)
-    if args.plot:
-        table.plot(args.plot)
-        print(f"figure saved to {args.plot}", flush=True)
-    return table
-
-
-if __name__ == "__main__":
-    main()
+    runpy.run_module("pyro_markov_kl.examples.dmm_gradient_variance", run_name="__main__")

@@ -20,10 +20,10 @@ Two parts:
 
   .. code-block:: bash
 
-      python -m pyro_markov_kl.compare --guide forward \\
+      python -m pyro_markov_kl.examples.dmm_gradient_variance --guide forward \\
           --elbos markov-kl,trace,meanfield,tracegraph --train-steps 200 --num-draws 50 \\
           --plot docs/_static/compare_forward.png
-      python -m pyro_markov_kl.compare --guide backward \\
+      python -m pyro_markov_kl.examples.dmm_gradient_variance --guide backward \\
           --elbos markov-kl,trace,meanfield,tracegraph --train-steps 200 --num-draws 50 \\
           --plot docs/_static/compare_backward.png
       python -m pyro_markov_kl.examples.dmm_compare --guide forward -n 8 --test-frequency 2 \\
@@ -87,7 +87,7 @@ RUNS: List[tuple] = [
     (
         "compare_forward",
         [
-            "-m", "pyro_markov_kl.compare", "--guide", "forward",
+            "-m", "pyro_markov_kl.examples.dmm_gradient_variance", "--guide", "forward",
             "--elbos", "markov-kl,trace,meanfield,tracegraph", "--train-steps", "200",
             "--num-draws", "50", "--plot", "docs/_static/compare_forward.png",
         ],
@@ -95,7 +95,7 @@ RUNS: List[tuple] = [
     (
         "compare_backward",
         [
-            "-m", "pyro_markov_kl.compare", "--guide", "backward",
+            "-m", "pyro_markov_kl.examples.dmm_gradient_variance", "--guide", "backward",
             "--elbos", "markov-kl,trace,meanfield,tracegraph", "--train-steps", "200",
             "--num-draws", "50", "--plot", "docs/_static/compare_backward.png",
         ],

@@ -102,6 +102,8 @@ TEST_FILES = {
 #: Test helper modules (imported by the tests as top-level modules) -> (Pyro module, path).
 TEST_HELPERS = {
     "lg": ("tests.infer.markov_kl.linear_gaussian", f"{TESTS_SUBDIR}/linear_gaussian.py"),
+    "helpers": ("tests.infer.markov_kl.helpers", f"{TESTS_SUBDIR}/helpers.py"),
+    "programs": ("tests.infer.markov_kl.programs", f"{TESTS_SUBDIR}/programs.py"),
 }
 #: Test modules left out entirely, with the reason.
 LEFT_OUT_TESTS = {
@@ -487,6 +489,15 @@ def mark_funsor_tests(text: str) -> tuple[str, list[str]]:
     return "".join(lines), sorted(marked)
 
 
+def drop_slow_marks(text: str) -> str:
+    """
+    Remove ``@pytest.mark.slow`` decorators: Pyro registers no ``slow`` marker (its pytest
+    configuration turns warnings into errors) and runs every test; ``--check`` has its own
+    quick selection (:data:`QUICK_SKIP_TESTS`).
+    """
+    return re.sub(r"(?m)^[ \t]*@pytest\.mark\.slow[ \t]*\n", "", text)
+
+
 def copy_tests() -> CopiedTests:
     """Our test modules and helpers, as they go into Pyro."""
     result = CopiedTests()
@@ -495,7 +506,7 @@ def copy_tests() -> CopiedTests:
         source = pyro_header(path.read_text(encoding="utf-8"), str(path.relative_to(REPO)))
         source, dropped = drop_excluded(source, path.name)
         result.dropped += dropped
-        text = rewrite_text(rewrite_imports(source, None))
+        text = drop_slow_marks(rewrite_text(rewrite_imports(source, None)))
         text, marked = mark_funsor_tests(text)
         result.funsor_tests += [f"{path.name}::{n}" for n in marked]
         result.files[target] = text

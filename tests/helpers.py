@@ -83,3 +83,26 @@ def fresh_params(**initial: float) -> Dict[str, torch.Tensor]:
         name: pyro.param(name, torch.tensor(value)).unconstrained()
         for name, value in initial.items()
     }
+
+
+def param_store_grad_stats(elbo: ELBO, model: Callable, guide: Callable, batches: int, *args):
+    """
+    Means and standard errors of loss and gradient over independent batches,
+    through ``loss_and_grads`` (the entry point every Pyro ELBO has), with
+    respect to every parameter of the param store but baselines' (sorted by
+    name, unconstrained).
+
+    :returns: ``(loss mean, loss SE, gradient means, gradient SEs, params)``
+    """
+    grads, losses = [], []
+    for _ in range(batches):
+        for p in pyro.get_param_store().values():
+            p.unconstrained().grad = None
+        losses.append(torch.tensor(elbo.loss_and_grads(model, guide, *args)))
+        store = pyro.get_param_store()
+        names = sorted(n for n in store.keys() if not n.startswith("__baseline"))
+        params = [store[n].unconstrained() for n in names]
+        grads.append(torch.cat([p.grad.reshape(-1) for p in params]))
+    grads, losses = torch.stack(grads), torch.stack(losses)
+    n = math.sqrt(batches)
+    return losses.mean(), losses.std() / n, grads.mean(0), grads.std(0) / n, params

@@ -12,10 +12,11 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from helpers import param_store_grad_stats
+from programs import DATA, global_guide, global_model, local_guide, local_model
 from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceGraph_ELBO
 from pyro.poutine.indep_messenger import CondIndepStackFrame
-from test_score_function import _grad_stats
 
 from pyro_markov_kl import JitTraceMarkovKL_ELBO, TraceMarkovKL_ELBO
 from pyro_markov_kl.examples.switching import SwitchingSSM, simulate
@@ -54,48 +55,6 @@ def test_values_with_mask():
     assert torch.equal(unmasked, leave_one_out_baseline(cost, cost.shape, (frame("n", -1, 4),)))
 
 
-# A discrete k_i and a Gaussian z_i per element of a plate, with an optional mask on every
-# site of masked elements (as for padded sequences) and optional subsampling.
-
-
-def local_model(data, mask=None, subsample_size=None):
-    with pyro.plate("n", len(data), subsample_size=subsample_size) as idx:
-        with poutine.mask(mask=True if mask is None else mask[idx]):
-            k = pyro.sample("k", dist.Bernoulli(0.4))
-            z = pyro.sample("z", dist.Normal(1.5 * k - 0.5, 0.8))
-            pyro.sample("x", dist.Normal(z + 0.3 * z**2, 0.5), obs=data[idx])
-
-
-def local_guide(data, mask=None, subsample_size=None):
-    u = pyro.param("u", torch.tensor([0.5, -0.5]))
-    v = pyro.param("v", torch.tensor([0.2, 0.4]))
-    with pyro.plate("n", len(data), subsample_size=subsample_size) as idx:
-        x = data[idx]
-        with poutine.mask(mask=True if mask is None else mask[idx]):
-            k = pyro.sample("k", dist.Bernoulli(logits=u[0] * x + u[1]))
-            pyro.sample("z", dist.Normal(v[0] * x + v[1] * k, 0.7))
-
-
-# The guide samples a global g after the plate, from sum(k): g's term and, through g, every
-# element of x depend on every k_i. Element i's cost must hold all of x (TraceGraph_ELBO keeps
-# x_i only, and is biased here), and the plate cannot give k a baseline (the particles can).
-
-
-def global_model(data):
-    g = pyro.sample("g", dist.Normal(torch.zeros(1), 1.0))
-    with pyro.plate("n", len(data)):
-        k = pyro.sample("k", dist.Bernoulli(0.4))
-        pyro.sample("x", dist.Normal(g + k, 0.5), obs=data)
-
-
-def global_guide(data):
-    u = pyro.param("u", torch.tensor([0.5, -0.5]))
-    c = pyro.param("c", torch.tensor(2.0))
-    with pyro.plate("n", len(data)):
-        k = pyro.sample("k", dist.Bernoulli(logits=u[0] * data + u[1]))
-    pyro.sample("g", dist.Normal(c * k.sum(-1, keepdim=True), 1.0))
-
-
 def exact_global_elbo(data):
     """The ELBO of global_model/global_guide: a sum over every k, Gaussian parts in closed form."""
     u, c = pyro.param("u"), pyro.param("c")
@@ -111,7 +70,6 @@ def exact_global_elbo(data):
     return total
 
 
-DATA = torch.tensor([0.3, -1.2, 2.0, 0.7, 1.1, -0.4])
 MASK = torch.tensor([True, True, False, True, False, True])
 
 
@@ -168,8 +126,8 @@ def _check_against_tracegraph(model, guide, args, batches=15, particles=2000, se
     kw = dict(num_particles=particles, vectorize_particles=True, max_plate_nesting=1)
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
-    ours = _grad_stats(TraceMarkovKL_ELBO(**kw), model, guide, batches, *args)
-    ref = _grad_stats(TraceGraph_ELBO(**kw), model, guide, batches, *args)
+    ours = param_store_grad_stats(TraceMarkovKL_ELBO(**kw), model, guide, batches, *args)
+    ref = param_store_grad_stats(TraceGraph_ELBO(**kw), model, guide, batches, *args)
     assert abs(ours[0] - ref[0]) < 5 * math.hypot(ours[1], ref[1])
     z = (ours[2] - ref[2]).abs() / (ours[3] ** 2 + ref[3] ** 2).sqrt()
     assert (z < 5).all(), z
@@ -183,7 +141,7 @@ def test_unbiased_against_tracegraph(mask, subsample_size):
 
 
 def _check_against_exact(elbo, batches=15):
-    mean_loss, se_loss, mean_grad, se_grad, params = _grad_stats(
+    mean_loss, se_loss, mean_grad, se_grad, params = param_store_grad_stats(
         elbo, global_model, global_guide, batches, DATA
     )
     exact = exact_global_elbo(DATA)
@@ -233,6 +191,7 @@ def _switching_grads(elbo, ssm, x, draws, seed):
     return torch.stack(grads)
 
 
+@pytest.mark.slow
 def test_switching_variance_reduction():
     """On the switching model the leave-one-out baseline removes most of the variance of the
     guide gradients (measured at 0.06-0.2x in benchmarks/switching_variance.py), with the same
@@ -311,10 +270,10 @@ def test_nested_plates_against_trace_elbo_without_the_inner_plate():
     assert "cost = x (summed over plate 'inner') + h;" in str(plan)
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
-    ours = _grad_stats(
+    ours = param_store_grad_stats(
         TraceMarkovKL_ELBO(max_plate_nesting=2, **kw), nested_model, nested_guide, 15, NESTED
     )
-    ref = _grad_stats(
+    ref = param_store_grad_stats(
         Trace_ELBO(max_plate_nesting=1, **kw), nested_model, nested_guide, 15, NESTED, False
     )
     assert abs(ours[0] - ref[0]) < 5 * math.hypot(ours[1], ref[1])

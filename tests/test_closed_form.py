@@ -261,6 +261,7 @@ def _per_particle_variances(elbo, spec, seed):
     return loss_var, grad_var
 
 
+@pytest.mark.slow
 def test_forward_guide_variance_below_trace_elbo():
     """On the forward guide (all sites analytic) the analytic KL must reduce the
     per-particle variance of the loss and of the gradient (sum over components).

@@ -1,21 +1,26 @@
 # SPDX-FileCopyrightText: 2026 pyro-markov-kl developers
 # SPDX-License-Identifier: Apache-2.0
 
-"""Tests of :mod:`pyro_markov_kl.compare` and of the DMM comparison script."""
+"""Tests of :mod:`pyro_markov_kl.compare` and of the DMM comparison scripts."""
 
 import csv
 import math
+import os
+import subprocess
+import sys
+import warnings
 
 import pyro
 import pyro.distributions as dist
 import pytest
 import torch
 import torch.nn as nn
-from pyro.infer import Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
+from pyro.infer import RenyiELBO, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
 from torch.distributions import constraints
 
 from pyro_markov_kl import TraceMarkovKL_ELBO
-from pyro_markov_kl.compare import ROW_KEYS, ELBOComparison, compare_elbos, main, param_group
+from pyro_markov_kl.compare import ROW_KEYS, ELBOComparison, compare_elbos, param_group
+from pyro_markov_kl.examples.dmm_gradient_variance import main
 
 M, S = 0.5, 0.8
 
@@ -57,6 +62,17 @@ class Chain(nn.Module):
         z = x.new_zeros(x.size(0), self.Z)
         with pyro.plate("batch", x.size(0)):
             for t in pyro.markov(range(x.size(1))):
+                h = self.comb(torch.cat([z, x[:, t]], -1))
+                scale = nn.functional.softplus(h[..., self.Z :]) + 0.1
+                z = pyro.sample(f"z_{t}", dist.Normal(h[..., : self.Z], scale).to_event(1))
+
+    def backward_guide(self, x: torch.Tensor) -> None:
+        """The same guide run backward in time: q(z_t | z_{t+1}, x_t), as the DMM's backward
+        guide. The model's parent z_{t-1} of z_t is sampled after z_t and depends on it."""
+        pyro.module("chain", self)
+        z = x.new_zeros(x.size(0), self.Z)
+        with pyro.plate("batch", x.size(0)):
+            for t in reversed(range(x.size(1))):
                 h = self.comb(torch.cat([z, x[:, t]], -1))
                 scale = nn.functional.softplus(h[..., self.Z :]) + 0.1
                 z = pyro.sample(f"z_{t}", dist.Normal(h[..., : self.Z], scale).to_event(1))
@@ -143,7 +159,7 @@ def test_to_dicts_and_str(chain: tuple) -> None:
         assert tuple(row) == ROW_KEYS
         assert type(row["grad_var_by_module"]) is dict
         for key in ROW_KEYS:
-            assert type(row[key]) in (str, int, float, dict)
+            assert type(row[key]) in (str, int, float, dict, list)
         assert row["step_time"] > 0 and math.isfinite(row["elbo_mean"])
     rows[0]["grad_var_by_module"]["comb"] = -1.0  # copies
     assert table.to_dicts()[0]["grad_var_by_module"]["comb"] >= 0
@@ -151,6 +167,58 @@ def test_to_dicts_and_str(chain: tuple) -> None:
     assert "Trace_ELBO[2]" in text and "grad var" in text and "trans" in text
     lines = text.splitlines()
     assert len({len(line) for line in lines[1:5]}) == 1  # aligned header and rows
+
+
+def test_backward_guide_marks_mean_field_biased(chain: tuple) -> None:
+    net, x = chain
+    elbos = [Trace_ELBO(), TraceMeanField_ELBO(), TraceMarkovKL_ELBO(), TraceGraph_ELBO()]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Failed to verify mean field restriction")
+        table = compare_elbos(net.model, net.backward_guide, x, elbos=elbos, num_draws=2)
+    assert table.biased == ["TraceMeanField_ELBO"]
+    mf = table["TraceMeanField_ELBO"]
+    # z_t's model parent z_{t-1} is sampled after it: every step but the first, in guide order
+    assert mf["validity"] == "biased"
+    assert mf["biased_sites"] == ["z_4", "z_3", "z_2", "z_1"]
+    assert "z_4" in mf["validity_reason"]
+    for name in ("Trace_ELBO", "TraceMarkovKL_ELBO", "TraceGraph_ELBO"):
+        row = table[name]
+        assert row["validity"] == "valid" and row["biased_sites"] == [], name
+    text = str(table)
+    assert "biased at z_4, z_3, z_2, ... (+1)" in text
+    assert "model parent sampled after it in the guide" in text
+    assert "BIASED: TraceMeanField_ELBO" in text
+    header, rows = text.splitlines()[1], text.splitlines()[2:6]
+    assert "valid" in header and sum("yes" in row for row in rows) == 3
+
+
+def test_forward_guide_marks_none_biased(chain: tuple) -> None:
+    net, x = chain
+    table = compare_elbos(net.model, net.guide, x, num_draws=2)
+    assert table.biased == []
+    for row in table:
+        assert row["validity"] == "valid" and row["biased_sites"] == [], row["name"]
+    assert "BIASED" not in str(table) and "biased at" not in str(table)
+
+
+def test_unknown_estimator_is_unchecked(chain: tuple) -> None:
+    net, x = chain
+    table = compare_elbos(net.model, net.guide, x, elbos=[RenyiELBO()], num_draws=2)
+    row = table["RenyiELBO"]
+    assert row["validity"] == "unchecked" and row["biased_sites"] == []
+    assert "unchecked: RenyiELBO" in str(table)
+
+
+def test_validity_check_leaves_random_draws_unchanged() -> None:
+    # the plan is made on draws of its own (for TraceMeanField_ELBO only): the estimators'
+    # draws are those they would be without the check
+    pyro.clear_param_store()
+    pyro.set_rng_seed(4)
+    checked = compare_elbos(prior_model, normal_guide, elbos=[Trace_ELBO(), TraceMeanField_ELBO()])
+    pyro.set_rng_seed(4)
+    unchecked = compare_elbos(prior_model, normal_guide, elbos=[Trace_ELBO()])
+    assert checked["TraceMeanField_ELBO"]["validity"] == "valid"
+    assert checked["Trace_ELBO"]["elbo_mean"] == unchecked["Trace_ELBO"]["elbo_mean"]
 
 
 def test_parameters_and_grads_unchanged(chain: tuple) -> None:
@@ -202,6 +270,24 @@ def test_plot_writes_png(tmp_path, chain: tuple) -> None:
     assert len(fig.axes) == 2
 
 
+def test_plot_marks_biased(chain: tuple) -> None:
+    pytest.importorskip("matplotlib")
+    net, x = chain
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Failed to verify mean field restriction")
+        table = compare_elbos(net.model, net.backward_guide, x, num_draws=2)
+    fig = table.plot()
+    ax_var, ax_elbo = fig.axes
+    legend = [t.get_text() for t in ax_var.get_legend().get_texts()]
+    assert legend == ["Trace_ELBO", "TraceMeanField_ELBO (BIASED)", "TraceMarkovKL_ELBO"]
+    assert "BIASED" in [t.get_text() for t in ax_elbo.texts]
+    ticks = [t.get_text() for t in ax_elbo.get_xticklabels()]
+    assert ticks[1] == "TraceMeanField_ELBO (biased)"
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
 def test_cli(tmp_path, capsys: pytest.CaptureFixture) -> None:
     pytest.importorskip("matplotlib")
     path = tmp_path / "cli.png"
@@ -213,10 +299,36 @@ def test_cli(tmp_path, capsys: pytest.CaptureFixture) -> None:
     out = capsys.readouterr().out
     assert "trained 2 steps" in out and "gradient variance by module" in out
     assert set(table.modules) == {"combiner", "emitter", "h_0", "rnn", "trans", "z_0", "z_q_0"}
+    # the backward guide: TraceMeanField_ELBO is marked biased at every step but the first
+    assert table.biased == ["TraceMeanField_ELBO"]
+    assert table["TraceMeanField_ELBO"]["biased_sites"] == [f"z_{t}" for t in range(6, 1, -1)]
+    assert "BIASED: TraceMeanField_ELBO" in out and "biased at z_6, z_5, z_4, ..." in out
     table = main(args + ["--elbos", "trace,tracegraph"])
     assert table.names == ["Trace_ELBO", "TraceGraph_ELBO"]
     with pytest.raises(SystemExit):
         main(args + ["--elbos", "nope"])
+
+
+def test_old_cli_forwards_and_library_does_not_import_examples() -> None:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root}
+    run = subprocess.run(
+        [sys.executable, "-m", "pyro_markov_kl.compare", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env=env,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "python -m pyro_markov_kl.examples.dmm_gradient_variance" in run.stdout
+    assert "has moved to" in run.stderr
+    code = "import sys, pyro_markov_kl.compare; print(any('examples' in m for m in sys.modules))"
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=root, env=env, timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "False"
 
 
 def test_dmm_compare_tiny(tmp_path, capsys: pytest.CaptureFixture) -> None:

@@ -204,6 +204,7 @@ def test_shards_cover_the_batch() -> None:
     assert [len(shard_indices(indices[:1], rank, 2)) for rank in range(2)] == [1, 0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,guide,indices", CASES, ids=[case[0] for case in CASES])
 def test_ddp_gradient_equals_single_process_gradient(
     workers: Dict[str, Any], float64: None, name: str, guide: str, indices: List[int]
@@ -240,6 +241,7 @@ def test_ddp_gradient_equals_single_process_gradient(
         assert torch.equal(ranks[0]["grads"][param_name], ranks[1]["grads"][param_name])
 
 
+@pytest.mark.slow
 def test_training_keeps_ranks_identical_and_matches_one_process(
     workers: Dict[str, Any], float64: None
 ) -> None:

@@ -17,11 +17,11 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from programs import DATA, global_guide, global_model, local_guide, local_model
 from pyro import poutine
 from pyro.distributions import constraints
 from pyro.infer import TraceEnum_ELBO, config_enumerate
 from pyro.ops.indexing import Vindex
-from test_baselines import DATA, global_guide, global_model, local_guide, local_model
 
 from pyro_markov_kl.trace_enum_markov_kl_elbo import TraceEnumMarkovKL_ELBO
 
@@ -156,6 +156,7 @@ def hmm_guide(ys):
         pyro.sample(name, dist.Normal(m, s))
 
 
+@pytest.mark.slow
 def test_hmm():
     pyro.clear_param_store()
     plan = TraceEnumMarkovKL_ELBO(max_plate_nesting=0).explain(hmm_model, hmm_guide, HMM_DATA)

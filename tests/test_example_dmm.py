@@ -53,7 +53,8 @@ def _tiny_batch(n: int = 4) -> tuple:
 
 @pytest.mark.parametrize("guide", ["forward", "backward"])
 @pytest.mark.parametrize(
-    "elbo", [pytest.param("markov-kl", marks=needs_markov_kl), "trace", "meanfield"]
+    "elbo",
+    [pytest.param("markov-kl", marks=[needs_markov_kl, pytest.mark.slow]), "trace", "meanfield"],
 )
 def test_main_tiny(elbo: str, guide: str, capsys: pytest.CaptureFixture) -> None:
     result = main(TINY + ["--elbo", elbo, "--guide", guide])
@@ -70,6 +71,7 @@ def test_main_tiny(elbo: str, guide: str, capsys: pytest.CaptureFixture) -> None
     assert type(build_elbo(elbo)).__name__ in out
 
 
+@pytest.mark.slow
 def test_main_vectorized_particles_and_evaluation() -> None:
     result = main(
         TINY

@@ -155,6 +155,7 @@ def lg_specs(draw):
 given_spec = given(spec=lg_specs())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_unbiased_on_random_dags(estimator):
     """Mean loss and gradient within N_SE standard errors of the exact values."""

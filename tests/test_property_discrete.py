@@ -206,6 +206,7 @@ def _assert_unbiased(elbo, spec):
     assert not failures, f"{spec}\n" + "\n".join(failures)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given_spec
 def test_reference_against_pyro_enum(spec):
@@ -228,6 +229,7 @@ def test_markov_kl_unbiased(spec):
     _assert_unbiased(TraceMarkovKL_ELBO(**_kwargs(spec, N_PARTICLES_SCORE)), spec)
 
 
+@pytest.mark.slow
 @SETTINGS
 @given_spec
 def test_enum_markov_kl_unbiased(spec):

@@ -80,8 +80,8 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from helpers import param_store_grad_stats
 from pyro.infer import ELBO, Trace_ELBO
-from test_score_function import _grad_stats
 
 from pyro_markov_kl import TraceMarkovKL_ELBO
 
@@ -433,11 +433,11 @@ def test_plan(seed: int):
 
 def _stats(elbo: ELBO, program: Program, seed: int) -> tuple:
     pyro.set_rng_seed(seed)
-    return _grad_stats(elbo, program.model, program.guide, N_BATCHES)
+    return param_store_grad_stats(elbo, program.model, program.guide, N_BATCHES)
 
 
 def _coordinates() -> List[str]:
-    """Names of the gradient coordinates of :func:`_grad_stats`, in its order."""
+    """Names of the gradient coordinates of :func:`helpers.param_store_grad_stats`, in its order."""
     store = pyro.get_param_store()
     names = sorted(n for n in store.keys() if not n.startswith("__baseline"))
     return [f"{n}[{i}]" for n in names for i in range(store[n].numel())]
