@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from pyro_markov_kl.data import (
+    MIN_NOTE,
     SPLITS,
     PolyphonicDataError,
     _raw_jsb_chorales,
@@ -124,3 +125,55 @@ def test_numpy_float_scalar_refused(tmp_path: Path) -> None:
     obj = {"train": [[(np.float64(60.0),)]], "valid": [[(60,)]], "test": [[(60,)]]}
     with pytest.raises(PolyphonicDataError, match="pitches must be integers"):
         load_polyphonic_pickle(_write(tmp_path / "f.pickle", obj))
+
+
+# --- the example's options on a tiny data set -----------------------------------------------------
+
+# every run below reads this tiny data set through --data: 5 short training sequences, 2 + 2 others
+TINY_SIZES = ["--z-dim", "3", "--emission-dim", "6", "--transition-dim", "6", "--rnn-dim", "6"]
+TINY_RUN = ["-b", "2", "--num-threads", "0", "--annealing-epochs", "3"] + TINY_SIZES
+
+
+def _tiny_split(n: int, seed: int) -> list:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = 3 + i % 3
+        seq = []
+        for _ in range(length):
+            pitches = torch.randint(
+                MIN_NOTE, MIN_NOTE + 88, (int(torch.randint(0, 4, (1,), generator=g)),), generator=g
+            )
+            seq.append(tuple(sorted(set(int(p) for p in pitches))))
+        out.append(seq)
+    return out
+
+
+@pytest.fixture
+def tiny_data(tmp_path: Path) -> Path:
+    data = {"train": _tiny_split(5, 0), "valid": _tiny_split(2, 1), "test": _tiny_split(2, 2)}
+    return _write(tmp_path / "tiny.pickle", data)
+
+
+def _run(tiny_data: Path, *extra: str) -> dict:
+    from pyro_markov_kl.examples.dmm import main
+
+    return main(TINY_RUN + ["--data", str(tiny_data)] + list(extra))
+
+
+def test_data_option(tiny_data: Path) -> None:
+    result = _run(tiny_data, "-n", "1", "--elbo", "trace")
+    raw = read_polyphonic_pickle(tiny_data)
+    assert result["num_train_slices"] == sum(len(s) for s in raw["train"])
+    assert result["num_test_slices"] == sum(len(s) for s in raw["test"])
+    assert len(result["train_losses_per_slice"]) == 1
+
+
+def test_data_option_hostile_file_never_runs(tmp_path: Path) -> None:
+    from pyro_markov_kl.examples.dmm import main
+
+    marker = tmp_path / "marker"
+    path = _write(tmp_path / "evil.pickle", _Hostile(_write_marker, str(marker)))
+    with pytest.raises(PolyphonicDataError, match="evil.pickle.*refused"):
+        main(TINY_RUN + ["--data", str(path)])
+    assert not marker.exists()

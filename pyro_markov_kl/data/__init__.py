@@ -166,7 +166,8 @@ def get_mini_batch(
     mini_batch_indices: torch.Tensor,
     sequences: torch.Tensor,
     seq_lengths: torch.Tensor,
-) -> Tuple[torch.Tensor, PackedSequence, torch.Tensor, torch.Tensor]:
+    pack: bool = True,
+) -> Tuple[torch.Tensor, Union[PackedSequence, torch.Tensor], torch.Tensor, torch.Tensor]:
     """
     Prepare a mini-batch for the DMM, as Pyro's ``polyphonic_data_loader.get_mini_batch``.
 
@@ -177,13 +178,18 @@ def get_mini_batch(
     :param torch.Tensor mini_batch_indices: ``(B,)`` indices into ``sequences``.
     :param torch.Tensor sequences: a ``(N, T_max, D)`` padded tensor.
     :param torch.Tensor seq_lengths: the ``(N,)`` sequence lengths.
+    :param bool pack: pack the time-reversed copy (as Pyro's loader); with ``False`` it stays a
+        zero-padded ``(B, T, D)`` tensor, so that all four values are tensors (as
+        :func:`torch.jit.trace` needs).
     :return: ``(mini_batch, mini_batch_reversed, mini_batch_mask, mini_batch_seq_lengths)``: the
         sorted ``(B, T, D)`` mini-batch, its time-reversed copy as a
-        :class:`~torch.nn.utils.rnn.PackedSequence`, the ``(B, T)`` 0/1 mask and the sorted
-        ``(B,)`` lengths.
+        :class:`~torch.nn.utils.rnn.PackedSequence` (or a padded tensor), the ``(B, T)`` 0/1 mask
+        and the sorted ``(B,)`` lengths, on the device of ``sequences``.
     :rtype: tuple
     """
-    mini_batch_indices = torch.as_tensor(mini_batch_indices, dtype=torch.long)
+    mini_batch_indices = torch.as_tensor(
+        mini_batch_indices, dtype=torch.long, device=seq_lengths.device
+    )
     lengths = seq_lengths[mini_batch_indices]
     sorted_lengths, order = torch.sort(lengths, descending=True, stable=True)
     sorted_indices = mini_batch_indices[order]
@@ -191,6 +197,8 @@ def get_mini_batch(
     mini_batch = sequences[sorted_indices, :t_max]
     mini_batch_reversed = reverse_sequences(mini_batch, sorted_lengths)
     mini_batch_mask = get_mini_batch_mask(mini_batch, sorted_lengths)
+    if not pack:
+        return mini_batch, mini_batch_reversed, mini_batch_mask, sorted_lengths
     mini_batch_reversed = pack_padded_sequence(
         mini_batch_reversed, sorted_lengths.cpu(), batch_first=True
     )
