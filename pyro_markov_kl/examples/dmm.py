@@ -1061,6 +1061,24 @@ def _run(args: argparse.Namespace) -> Dict[str, Any]:
         args.elbo, num_particles=args.test_particles, vectorize_particles=args.vectorize_particles
     )
     svi = SVI(dmm.model, dmm.guide, optim, loss=elbo)
+    # Pyro's compiled ELBOs compile once per number of arguments and reuse the graph for every
+    # shape, but the DMM's graph depends on the mini-batch's shape (its number of time steps):
+    # one compiled ELBO per shape (JitTraceMarkovKL_ELBO keys its graphs on shapes itself)
+    svi_by_shape: Dict[Tuple[int, ...], SVI] = {}
+
+    def svi_for(batch: Sequence[torch.Tensor]) -> SVI:
+        if not args.jit or args.elbo == "markov-kl":
+            return svi
+        shape = tuple(batch[0].shape)
+        if shape not in svi_by_shape:
+            loss = build_elbo(
+                args.elbo,
+                num_particles=args.num_particles,
+                vectorize_particles=args.vectorize_particles,
+                jit=True,
+            )
+            svi_by_shape[shape] = SVI(dmm.model, dmm.guide, optim, loss=loss)
+        return svi_by_shape[shape]
 
     train_losses: List[float] = []
     evaluations: List[Dict[str, float]] = []
@@ -1108,7 +1126,7 @@ def _run(args: argparse.Namespace) -> Dict[str, Any]:
             batch = get_mini_batch(indices, train_sequences, train_lengths, pack=not args.jit)
             if args.jit:  # the compiled loss takes tensors: a float would recompile every step
                 factor = torch.tensor(factor, device=device)
-            epoch_loss += svi.step(*batch, factor)
+            epoch_loss += svi_for(batch).step(*batch, factor)
         progress.close()
         train_losses.append(epoch_loss / num_train_slices)
         print(
