@@ -389,3 +389,17 @@ def test_jit_trains_one_epoch(tiny_data: Path, elbo: str) -> None:
     result = _run(tiny_data, "-n", "1", "--jit", "--elbo", elbo)
     assert math.isfinite(result["train_loss_per_slice"])
     assert math.isfinite(result["test_nll_per_slice"])
+
+
+@pytest.mark.parametrize("script", ["dmm_compare", "dmm_distributed"])
+def test_scripts_on_the_dmm_parser_reject_its_new_options(
+    script: str, capsys: pytest.CaptureFixture
+) -> None:
+    import importlib
+
+    main = importlib.import_module(f"pyro_markov_kl.examples.{script}").main
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", "x.pt"])
+    assert f"--checkpoint is an option of pyro_markov_kl.examples.dmm that {script}" in (
+        capsys.readouterr().err
+    )

@@ -86,6 +86,7 @@ from pyro_markov_kl.data import (
 
 __all__ = [
     "ARCHITECTURE_OPTIONS",
+    "SCRIPT_ONLY_OPTIONS",
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
     "CheckpointError",
@@ -101,6 +102,7 @@ __all__ = [
     "load_splits",
     "main",
     "make_parser",
+    "reject_options",
     "save_checkpoint",
     "set_rng_state",
 ]
@@ -920,6 +922,39 @@ def _load_optim_state(optim: ClippedAdam, dmm: DMM, state: Any, path: str) -> No
 
 
 # --- command line -------------------------------------------------------------------------------
+
+#: Options of this script that the scripts built on its parser (``dmm_compare``,
+#: ``dmm_distributed``) do not implement; they reject them with :func:`reject_options`.
+SCRIPT_ONLY_OPTIONS = (
+    "data",
+    "device",
+    "cuda",
+    "jit",
+    "checkpoint",
+    "resume",
+    "save_model",
+    "save_opt",
+    "load_model",
+    "load_opt",
+)
+
+
+def reject_options(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    script: str,
+    names: Sequence[str] = SCRIPT_ONLY_OPTIONS,
+) -> None:
+    """
+    Exit with a parser error if any of the options ``names`` (inherited from :func:`make_parser`
+    by another script that does not implement them) was given a non-default value.
+    """
+    for name in names:
+        if name in vars(args) and getattr(args, name) != parser.get_default(name):
+            parser.error(
+                f"--{name.replace('_', '-')} is an option of pyro_markov_kl.examples.dmm that "
+                f"{script} does not implement"
+            )
 
 
 def _resolve_device(parser: argparse.ArgumentParser, args: argparse.Namespace) -> torch.device:
