@@ -34,6 +34,14 @@ masks built from the sequence lengths. The script prints the training loss per t
 each epoch and, at the end, the test negative log-likelihood bound per time slice,
 ``-ELBO / (number of test time slices)`` on the whole test set.
 
+The options of Pyro's example are available: an IAF guide (``--num-iafs``, ``--iaf-dim``: the
+flows' sites are estimated by Monte Carlo, having no closed-form KL), checkpoints
+(``--checkpoint``/``--resume`` for model, optimiser, epoch, losses and random number generators,
+so that a resumed run continues the same curve; Pyro's ``--save-model``/``--save-opt``/
+``--load-model``/``--load-opt`` for the model and optimiser alone; all read with
+``torch.load(weights_only=True)``), ``--data`` (a data set in the pickle format of Pyro's
+polyphonic loader, read by a restricted unpickler), ``--device``/``--cuda`` and ``--jit``.
+
 The defaults are small so that a run takes a few minutes on two CPU cores, and use a ``tanh``
 RNN in the guide, which trains stably at a larger step size; Pyro's full-size configuration is
 ``--z-dim 100 --emission-dim 100 --transition-dim 200 --rnn-dim 600 --rnn-nonlinearity relu
