@@ -116,7 +116,8 @@ class DependencyMessenger(Messenger):
                 f"...) at {where}, so later control flow may depend on it"
             )
         self.order.append(name)
-        self.parents[name] = bits
+        # a replayed value carries its own site from the guide's run: no site is its own parent
+        self.parents[name] = bits & ~tracker.bit_of(name)
         if reason is not None:
             self.unknown[name] = reason
         if torch.is_tensor(value):
@@ -139,10 +140,11 @@ class DependencyMessenger(Messenger):
 
 
 def _run_tracked(
-    fn: Callable, guide_trace: Trace, args: tuple, kwargs: dict
+    fn: Callable, guide_trace: Trace, args: tuple, kwargs: dict, tracker: DependencyTracker
 ) -> ProgramDependencies:
-    messenger = DependencyMessenger(DependencyTracker())
-    with poutine.block(), messenger.tracker, messenger:
+    messenger = DependencyMessenger(tracker)
+    tracker.new_run()
+    with poutine.block(), tracker, messenger:
         poutine.replay(fn, trace=guide_trace)(*args, **kwargs)
     return messenger.dependencies()
 
@@ -177,8 +179,11 @@ def analyse_dependencies(
         with no_side_effects(), pyro.validation_enabled(False), torch.no_grad():
             if is_guide_messenger(guide):
                 return analyse_guide_messenger(guide, guide_trace, args, kwargs)
-            guide_deps = _run_tracked(guide, guide_trace, args, kwargs)
-            model_deps = _run_tracked(model, guide_trace, args, kwargs)
+            # one tracker for both runs: a tensor the guide computes from its samples and
+            # leaves where the model reads it (state of a shared module, say) carries them
+            tracker = DependencyTracker()
+            guide_deps = _run_tracked(guide, guide_trace, args, kwargs, tracker)
+            model_deps = _run_tracked(model, guide_trace, args, kwargs, tracker)
     finally:
         torch._C._set_tracing_state(tracing_state)
     return guide_deps, model_deps

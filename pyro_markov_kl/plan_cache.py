@@ -9,8 +9,9 @@ import argparse
 import dataclasses
 import enum
 import types
+import warnings
 from collections import OrderedDict
-from typing import Any, Callable, Hashable, List
+from typing import Any, Callable, Dict, Hashable, List
 
 import numpy as np
 import torch
@@ -29,11 +30,15 @@ def argument_key(args: tuple, kwargs: dict) -> tuple:
     A hashable summary of the non-tensor arguments of a model/guide call that
     may change its dependency structure without changing its trace structure
     (``guide(data, backward=True)``): flags, integers, strings, enums and types
-    by value, through tuples, lists, dicts and simple namespaces (including
-    ``argparse.Namespace`` and dataclasses). Tensors and numpy arrays count by
-    shape only (their shapes are also in the traces), floats by type only (a
-    float argument is taken to be a number the program computes with, such as
-    a KL annealing factor, not a switch), other objects by identity.
+    by value, through tuples, lists, dicts and configuration objects (an
+    ``argparse.Namespace``, a dataclass, any plain object with at most 64
+    attributes, which are keyed one by one, so a flag flipped on the same object
+    is seen). Tensors and numpy arrays count by dimension and shape only (their
+    shapes are also in the traces), floats by type only (a float argument is
+    taken to be a number the program computes with, such as a KL annealing
+    factor, not a switch), modules by identity and training mode, other objects
+    (functions, ...) by identity. What the key misses, :class:`PlanCache`'s
+    checks against a fresh analysis find.
     """
     key: List[Hashable] = []
     stack: List[Any] = [args, kwargs]
@@ -53,15 +58,56 @@ def argument_key(args: tuple, kwargs: dict) -> tuple:
         elif isinstance(x, dict):
             key.append((dict, tuple(x)))
             stack.extend(reversed(list(x.values())))
-        elif isinstance(x, (argparse.Namespace, types.SimpleNamespace)) or (
-            dataclasses.is_dataclass(x) and not isinstance(x, type)
-        ):
+        elif isinstance(x, torch.nn.Module):
+            key.append((type(x), id(x), x.training))
+        elif _is_plain_object(x):
             fields = vars(x) if hasattr(x, "__dict__") else dataclasses.asdict(x)
             key.append((type(x), tuple(fields)))
             stack.extend(reversed(list(fields.values())))
         else:
             key.append((type(x), id(x)))
     return tuple(key)
+
+
+def _is_plain_object(x: Any) -> bool:
+    """A configuration-like object whose attributes are keyed one by one."""
+    if isinstance(x, (argparse.Namespace, types.SimpleNamespace)):
+        return True
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return True
+    return (
+        type(x).__module__ != "builtins"
+        and not callable(x)
+        and isinstance(getattr(x, "__dict__", None), dict)
+        and len(x.__dict__) <= _MAX_FIELDS
+    )
+
+
+_MAX_FIELDS = 64
+
+#: the uses of a cached plan at which it is checked against a fresh analysis, and the period
+#: after the last of them
+CHECK_AT = (2, 8, 32, 128)
+CHECK_EVERY = 256
+
+
+def _decisions(plan: Any) -> Any:
+    """What a plan decides about each site, without the parents it shows for them."""
+    records = {
+        name: dataclasses.replace(
+            rec,
+            guide_parents=frozenset(),
+            model_parents=frozenset(),
+            guide_descendants=frozenset(),
+            reason="",
+        )
+        for name, rec in plan.sites.items()
+    }
+    return records, plan.kl_groups
+
+
+class StalePlanWarning(RuntimeWarning):
+    """A cached plan was found stale by a check against a fresh analysis."""
 
 
 class PlanCache(OrderedDict):
@@ -79,12 +125,24 @@ class PlanCache(OrderedDict):
     (:func:`~pyro_markov_kl.plan.structure_key`, which also holds the value
     conditions a KL rule was chosen on, such as equal transforms).
 
+    What a key cannot see (a float argument used as a switch, global state, a
+    data value in Python control flow) is caught by checks: at a plan's uses
+    ``CHECK_AT`` (2, 8, 32, 128) and every ``CHECK_EVERY`` (256) after, the step
+    is analysed afresh and the decisions compared (:meth:`_check`). A
+    difference means the plan was stale since the last check; it is replaced,
+    the model and guide are analysed every step from then on, and a
+    :class:`StalePlanWarning` says so. The checks cost one analysis (about a
+    step without the cache) per check: a fraction of a percent of the steps.
+
     :param int maxsize: the most plans kept
     """
 
     def __init__(self, maxsize: int = 256) -> None:
         super().__init__()
         self.maxsize = maxsize
+        self._uses: Dict[StructureKey, int] = {}
+        #: owners whose dependencies changed under an equal key: analysed every step
+        self._volatile: set = set()
 
     def get_or_build(
         self,
@@ -114,16 +172,59 @@ class PlanCache(OrderedDict):
                     structure_key(model_trace, guide_trace),
                 )
             )
+        if owner in self._volatile:
+            return build()
         plan = self.get(key)
-        if plan is not None:
-            self.move_to_end(key)
+        if plan is None:
+            plan = build()
+            if self.maxsize > 0:
+                self[key] = plan
+                self._uses[key] = 1
+                while len(self) > self.maxsize:
+                    self._uses.pop(self.popitem(last=False)[0], None)
             return plan
-        plan = build()
-        if self.maxsize > 0:
-            self[key] = plan
-            while len(self) > self.maxsize:
-                self.popitem(last=False)
+        self.move_to_end(key)
+        uses = self._uses[key] = self._uses.get(key, 1) + 1
+        if uses in CHECK_AT or uses % CHECK_EVERY == 0:
+            return self._check(key, owner, plan, build(), uses)
         return plan
+
+    def _check(self, key: StructureKey, owner: Hashable, plan: Any, fresh: Any, uses: int) -> Any:
+        """
+        Compare a cached plan with a fresh analysis of this step. Equal decisions:
+        the fresh plan is kept (its parents may be newer). Different decisions:
+        something the key cannot see (a float used as a switch, state outside the
+        arguments, data values in Python control flow) rewired the program, so
+        the plan is stale; this model and guide are analysed every step from
+        now on, and a :class:`StalePlanWarning` says so, since the steps since
+        the last check may have used the stale plan.
+        """
+        self[key] = fresh
+        if _decisions(fresh) == _decisions(plan):
+            return fresh
+        old, new = _decisions(plan)[0], _decisions(fresh)[0]
+        changed = sorted(n for n in set(old) | set(new) if old.get(n) != new.get(n))
+        self._volatile.add(owner)
+        last = max([c for c in CHECK_AT if c < uses] + [uses - CHECK_EVERY, 1])
+        warnings.warn(
+            f"the dependency structure changed between steps with an equal plan key "
+            f"(the same sites, shapes and non-tensor arguments): the plan of site(s) "
+            f"{', '.join(repr(n) for n in changed[:5])} changed, so the cached plan was stale "
+            f"for up to {uses - last} step(s) since the last check. Something the key cannot "
+            "see decides which sites feed which distributions: a float argument used as a "
+            "switch, a mutable object or global state, or data values in Python control flow. "
+            "From now on every step of this model and guide is analysed (slower). To keep the "
+            "cache, pass the switch as a bool, int or str argument; to analyse every step "
+            "without this warning, use plan_cache_size=0.",
+            StalePlanWarning,
+            stacklevel=2,
+        )
+        return fresh
+
+    def clear(self) -> None:
+        super().clear()
+        self._uses.clear()
+        self._volatile.clear()
 
     def __reduce__(self) -> tuple:
         return (type(self), (self.maxsize,))

@@ -160,6 +160,8 @@ class DependencyTracker:
 
     def __init__(self) -> None:
         self.names: List[str] = []
+        self._index: Dict[str, int] = {}
+        self._run_sites: int = 0
         self._tensor_prov: Dict[int, Tuple[weakref.ref, int]] = {}
         self._storage_prov: Dict[int, Tuple[Any, int]] = {}
         # the memory of tagged values, for tensors made over it outside the dispatcher
@@ -249,8 +251,12 @@ class DependencyTracker:
             drawn from its distribution)
         :returns: the site's bit
         """
-        bit = 1 << len(self.names)
-        self.names.append(name)
+        index = self._index.get(name)
+        if index is None:  # a site of the same name in another run is the same site
+            index = self._index[name] = len(self.names)
+            self.names.append(name)
+        bit = 1 << index
+        self._run_sites |= bit
         self._set(tensor, bit | keep)
         key = self._storage_key(tensor)
         if key is not None:
@@ -258,9 +264,25 @@ class DependencyTracker:
             self._value_memory[key[0]] = (key[1], bit | keep | (old[1] if old else 0))
         return bit
 
+    def bit_of(self, name: str) -> int:
+        """The bit of the site ``name``, ``0`` if it was not tagged."""
+        index = self._index.get(name)
+        return 0 if index is None else 1 << index
+
     def all_sites(self) -> int:
-        """Bit set of every site tagged so far."""
-        return (1 << len(self.names)) - 1
+        """Bit set of every site tagged so far in this run (see :meth:`new_run`)."""
+        return self._run_sites
+
+    def new_run(self) -> None:
+        """
+        Start the run of another program (the model after the guide) with this
+        tracker: tensors keep their provenance, so what the first program left
+        for the second to read carries its sites, and a site of the same name
+        gets the same bit; escapes and :meth:`all_sites` start afresh.
+        """
+        self._run_sites = 0
+        self.escaped = 0
+        self.escapes = []
 
     def names_of(self, bits: int) -> frozenset:
         """Decode a bit set into a frozenset of site names."""

@@ -9,6 +9,8 @@ one ELBO instance in two situations in turn and checks the second against a
 fresh reference; before these were in the plan key the first plan was reused.
 """
 
+import warnings
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -18,6 +20,7 @@ from pyro.infer import Trace_ELBO
 from torch.distributions.transforms import AffineTransform
 
 from pyro_markov_kl import TraceMarkovKL_ELBO
+from pyro_markov_kl.plan_cache import StalePlanWarning
 
 N_SE = 5.0
 KWARGS = dict(num_particles=5000, vectorize_particles=True, max_plate_nesting=0)
@@ -123,3 +126,91 @@ def test_leave_one_out_baseline_changed_after_the_first_step():
     assert elbo.explain(model, guide).sites["k"].baseline.startswith("leave-one-out")
     elbo.leave_one_out_baseline = False
     assert not elbo.explain(model, guide).sites["k"].baseline_frames
+
+
+# --- switches the key cannot see: found by a check against a fresh analysis ----------------
+def switch_model(x, cfg):
+    z1 = pyro.sample("z1", dist.Normal(0.0, 1.0))
+    z0 = pyro.sample("z0", dist.Normal(z1, 1.0))  # model parent of z0: z1
+    pyro.sample("x", dist.Normal(z0 + z1, 1.0), obs=x)
+
+
+_GLOBAL_SWITCH = {"coupled": False}
+
+
+def _coupled(cfg):
+    if isinstance(cfg, float):
+        return cfg > 0.5
+    if isinstance(cfg, torch.Tensor):
+        return bool(cfg)  # a data value in Python control flow
+    if cfg is None:
+        return _GLOBAL_SWITCH["coupled"]
+    return cfg.coupled
+
+
+def switch_guide(x, cfg):
+    z0 = pyro.sample("z0", dist.Normal(pyro.param("a"), 1.0))
+    # coupled: z1 is a guide descendant of z0, so z0's KL would be biased
+    loc = 2.0 * z0 if _coupled(cfg) else torch.tensor(0.3)
+    pyro.sample("z1", dist.Normal(loc, 1.0))
+
+
+class _Config:  # a plain config object, neither argparse.Namespace nor a dataclass
+    def __init__(self, coupled):
+        self.coupled = coupled
+
+
+def test_mutated_config_object_gets_its_own_plan():
+    """A plain object's attributes are in the key: flipping one is a new plan, at once."""
+    params = list(fresh_params(a=0.5).values())
+    elbo = TraceMarkovKL_ELBO(**KWARGS)
+    cfg = _Config(False)
+    x = torch.tensor(2.0)
+    assert elbo.explain(switch_model, switch_guide, x, cfg).sites["z0"].estimator == "analytic"
+    cfg.coupled = True
+    assert elbo.explain(switch_model, switch_guide, x, cfg).sites["z0"].estimator == "mc"
+    _check_against_trace_elbo(elbo, switch_model, switch_guide, params, x, cfg)
+
+
+@pytest.mark.parametrize("kind", ["float", "tensor", "global"])
+def test_switch_outside_the_key_is_detected(kind):
+    """
+    A float used as a switch (keyed by type), a data tensor in an ``if`` (keyed by
+    shape) or global state: the cached plan is checked against a fresh analysis
+    at its 2nd use; the change is found, said (StalePlanWarning), and from then on
+    every step is analysed, so the estimates are right again.
+    """
+    params = list(fresh_params(a=0.5).values())
+    x = torch.tensor(2.0)
+    settings = {
+        "float": (0.0, 1.0),
+        "tensor": (torch.tensor(False), torch.tensor(True)),
+        "global": (None, None),
+    }[kind]
+    elbo = TraceMarkovKL_ELBO(**KWARGS)
+    _GLOBAL_SWITCH["coupled"] = False
+    assert elbo.explain(switch_model, switch_guide, x, settings[0]).sites["z0"].estimator == (
+        "analytic"
+    )
+    _GLOBAL_SWITCH["coupled"] = True
+    with pytest.warns(StalePlanWarning, match="'z0'"):
+        plan = elbo.explain(switch_model, switch_guide, x, settings[1])
+    assert plan.sites["z0"].estimator == "mc"
+    # analysed every step from now on: both settings right, in turn
+    for setting, coupled in ((settings[0], False), (settings[1], True)):
+        _GLOBAL_SWITCH["coupled"] = coupled
+        _check_against_trace_elbo(elbo, switch_model, switch_guide, params, x, setting)
+    _GLOBAL_SWITCH["coupled"] = False
+
+
+def test_stable_program_is_not_reported():
+    """The checks at uses 2, 8, 32, 128 of a plan find nothing on a program that does not
+    change, and the plan stays cached."""
+    fresh_params(a=0.5)
+    elbo = TraceMarkovKL_ELBO()
+    x = torch.tensor(2.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StalePlanWarning)
+        for _ in range(130):
+            elbo.loss(switch_model, switch_guide, x, _Config(True))
+    assert len(elbo._plans) == 1 and not elbo._plans._volatile

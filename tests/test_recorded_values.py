@@ -146,3 +146,44 @@ def test_deterministic_value_keeps_its_provenance_downstream():
     plan = TraceMarkovKL_ELBO().explain(model, guide)
     assert plan.sites["v"].model_parents == frozenset({"u"})
     assert plan.model.parents["d"] >= {"u"}
+
+
+class _Shared(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(1, 1)
+        self.h = None
+
+
+def test_model_reads_state_the_guide_computed():
+    """
+    The guide leaves a tensor computed from z1 on a shared module and the model
+    reads it for z0: one tracker follows both runs, so z1 is z0's model parent
+    (a guide descendant of z0: Monte Carlo), as Trace_ELBO's agreement confirms.
+    """
+    params = list(fresh_params(a=0.5).values())
+    shared = _Shared()
+
+    def guide(x):
+        pyro.module("shared", shared)
+        z0 = pyro.sample("z0", dist.Normal(pyro.param("a"), 1.0))
+        z1 = pyro.sample("z1", dist.Normal(2.0 * z0, 1.0))
+        shared.h = shared.lin(z1.unsqueeze(-1)).squeeze(-1)
+
+    def model(x):
+        pyro.module("shared", shared)
+        z1 = pyro.sample("z1", dist.Normal(0.0, 1.0))
+        z0 = pyro.sample("z0", dist.Normal(shared.h, 1.0))  # = lin(z1)
+        pyro.sample("x", dist.Normal(z0 + z1, 1.0), obs=x)
+
+    x = torch.tensor(2.0)
+    plan = TraceMarkovKL_ELBO().explain(model, guide, x)
+    assert plan.sites["z0"].model_parents == frozenset({"z1"})
+    assert plan.sites["z0"].estimator == "mc"
+    pyro.set_rng_seed(3)
+    kwargs = dict(num_particles=2000, vectorize_particles=True, max_plate_nesting=0)
+    params = params + list(shared.parameters())
+    ours = loss_and_grad_stats(TraceMarkovKL_ELBO(**kwargs), model, guide, params, 20, x)
+    reference = loss_and_grad_stats(Trace_ELBO(**kwargs), model, guide, params, 20, x)
+    z = z_scores(ours, reference)
+    assert z["loss"] < N_SE and float(z["grad"].max()) < N_SE, (ours, reference)
