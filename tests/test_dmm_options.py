@@ -369,22 +369,8 @@ def test_padded_reversed_batch_gives_the_packed_guide(tiny_data: Path) -> None:
             assert torch.allclose(site["value"], traces[1].nodes[name]["value"], atol=1e-6)
 
 
-JIT_MASK_BUG = (
-    "core bug: JitTraceMarkovKL_ELBO fails on a masked Independent site "
-    "(dist.Normal(...).mask(m).to_event(1), as the DMM's) with AttributeError: 'Normal' object "
-    "has no attribute 'reinterpreted_batch_ndims' in the compiled run"
-)
-
-
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
-@pytest.mark.parametrize(
-    "elbo",
-    [
-        pytest.param("markov-kl", marks=pytest.mark.xfail(reason=JIT_MASK_BUG, strict=True)),
-        "trace",
-        "meanfield",
-    ],
-)
+@pytest.mark.parametrize("elbo", ["markov-kl", "trace", "meanfield"])
 def test_jit_trains_one_epoch(tiny_data: Path, elbo: str) -> None:
     result = _run(tiny_data, "-n", "1", "--jit", "--elbo", elbo)
     assert math.isfinite(result["train_loss_per_slice"])
