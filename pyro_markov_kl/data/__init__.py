@@ -21,6 +21,10 @@ padded with zeros per split, and a ``long`` tensor of the ``N`` sequence lengths
 Masks are built from the sequence lengths, never from non-zero rows: rests (all-zero steps) occur
 inside sequences.
 
+:func:`load_polyphonic_pickle` reads any polyphonic data set in the pickle format of Pyro's loader
+(``jsb_chorales.pickle``, ``piano_midi.pickle``, ...) with a restricted unpickler that runs no code
+of the file, validates its structure and returns the three splits in the same tensor format.
+
 References:
 
 * N. Boulanger-Lewandowski, Y. Bengio, P. Vincent (2012). Modeling Temporal Dependencies in
@@ -32,8 +36,11 @@ References:
 
 import functools
 import json
+import os
+import pickle
+import sys
 from importlib import resources
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Sequence, Tuple, Union
 
 import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
@@ -41,11 +48,15 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 __all__ = [
     "JSB_CHORALES_SHA256",
     "MIN_NOTE",
+    "MAX_NOTE",
     "NOTE_RANGE",
     "SPLITS",
+    "PolyphonicDataError",
     "get_mini_batch",
     "get_mini_batch_mask",
     "load_jsb_chorales",
+    "load_polyphonic_pickle",
+    "read_polyphonic_pickle",
     "pad_and_reverse",
     "reverse_sequences",
 ]
@@ -81,7 +92,11 @@ def load_jsb_chorales(split: str) -> Dict[str, torch.Tensor]:
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-    raw = _raw_jsb_chorales()[split]
+    return _split_to_tensors(_raw_jsb_chorales()[split])
+
+
+def _split_to_tensors(raw: Sequence[Sequence[Sequence[int]]]) -> Dict[str, torch.Tensor]:
+    """Piano rolls and lengths of one split given as sequences of steps of MIDI pitches."""
     lengths = torch.tensor([len(seq) for seq in raw], dtype=torch.long)
     t_max = int(lengths.max())
     n_idx: List[int] = []
@@ -151,7 +166,8 @@ def get_mini_batch(
     mini_batch_indices: torch.Tensor,
     sequences: torch.Tensor,
     seq_lengths: torch.Tensor,
-) -> Tuple[torch.Tensor, PackedSequence, torch.Tensor, torch.Tensor]:
+    pack: bool = True,
+) -> Tuple[torch.Tensor, Union[PackedSequence, torch.Tensor], torch.Tensor, torch.Tensor]:
     """
     Prepare a mini-batch for the DMM, as Pyro's ``polyphonic_data_loader.get_mini_batch``.
 
@@ -162,13 +178,18 @@ def get_mini_batch(
     :param torch.Tensor mini_batch_indices: ``(B,)`` indices into ``sequences``.
     :param torch.Tensor sequences: a ``(N, T_max, D)`` padded tensor.
     :param torch.Tensor seq_lengths: the ``(N,)`` sequence lengths.
+    :param bool pack: pack the time-reversed copy (as Pyro's loader); with ``False`` it stays a
+        zero-padded ``(B, T, D)`` tensor, so that all four values are tensors (as
+        :func:`torch.jit.trace` needs).
     :return: ``(mini_batch, mini_batch_reversed, mini_batch_mask, mini_batch_seq_lengths)``: the
         sorted ``(B, T, D)`` mini-batch, its time-reversed copy as a
-        :class:`~torch.nn.utils.rnn.PackedSequence`, the ``(B, T)`` 0/1 mask and the sorted
-        ``(B,)`` lengths.
+        :class:`~torch.nn.utils.rnn.PackedSequence` (or a padded tensor), the ``(B, T)`` 0/1 mask
+        and the sorted ``(B,)`` lengths, on the device of ``sequences``.
     :rtype: tuple
     """
-    mini_batch_indices = torch.as_tensor(mini_batch_indices, dtype=torch.long)
+    mini_batch_indices = torch.as_tensor(
+        mini_batch_indices, dtype=torch.long, device=seq_lengths.device
+    )
     lengths = seq_lengths[mini_batch_indices]
     sorted_lengths, order = torch.sort(lengths, descending=True, stable=True)
     sorted_indices = mini_batch_indices[order]
@@ -176,7 +197,215 @@ def get_mini_batch(
     mini_batch = sequences[sorted_indices, :t_max]
     mini_batch_reversed = reverse_sequences(mini_batch, sorted_lengths)
     mini_batch_mask = get_mini_batch_mask(mini_batch, sorted_lengths)
+    if not pack:
+        return mini_batch, mini_batch_reversed, mini_batch_mask, sorted_lengths
     mini_batch_reversed = pack_padded_sequence(
         mini_batch_reversed, sorted_lengths.cpu(), batch_first=True
     )
     return mini_batch, mini_batch_reversed, mini_batch_mask, sorted_lengths
+
+
+# --- Pyro's pickle format -------------------------------------------------------------------------
+
+
+class PolyphonicDataError(ValueError):
+    """A polyphonic data file is not in the pickle format of Pyro's loader (or is hostile)."""
+
+
+#: The highest MIDI pitch of the piano (C8), stored in column ``NOTE_RANGE - 1``.
+MAX_NOTE = MIN_NOTE + NOTE_RANGE - 1
+
+# numpy integer dtypes that a pitch may be stored as, by their pickled names
+_INT_DTYPES = {
+    "i1": (1, True),
+    "i2": (2, True),
+    "i4": (4, True),
+    "i8": (8, True),
+    "u1": (1, False),
+    "u2": (2, False),
+    "u4": (4, False),
+    "u8": (8, False),
+}
+
+
+class _IntDType:
+    """
+    An inert stand-in for ``numpy.dtype`` of an integer type, as pickled inside numpy scalars:
+    ``dtype(name, align, copy)`` then ``__setstate__((version, byteorder, ...))``. No numpy code
+    runs; anything but a plain integer dtype is refused.
+    """
+
+    def __init__(self, name: Any = None, align: Any = 0, copy: Any = 1) -> None:
+        if isinstance(name, bytes):
+            name = name.decode("latin1")
+        if not isinstance(name, str) or name not in _INT_DTYPES:
+            raise pickle.UnpicklingError(
+                f"a numpy scalar of dtype {name!r}; pitches must be integers "
+                f"(one of {sorted(_INT_DTYPES)})"
+            )
+        self.itemsize, self.signed = _INT_DTYPES[name]
+        self.byteorder = "little" if self.itemsize == 1 else "native"
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, tuple) or len(state) < 2:
+            raise pickle.UnpicklingError(f"an unexpected numpy dtype state {state!r}")
+        order = state[1].decode("latin1") if isinstance(state[1], bytes) else state[1]
+        orders = {"<": "little", ">": "big", "|": "little", "=": "native"}
+        if order not in orders:
+            raise pickle.UnpicklingError(f"an unexpected numpy byte order {order!r}")
+        self.byteorder = orders[order]
+
+
+def _int_scalar(dtype: Any, data: Any) -> int:
+    """An inert stand-in for ``numpy.core.multiarray.scalar``: decode an integer, nothing else."""
+    if not isinstance(dtype, _IntDType):
+        raise pickle.UnpicklingError("a numpy scalar without an integer dtype")
+    if isinstance(data, str):  # protocol-2 bytes read by Python 3 with encoding="latin1"
+        data = data.encode("latin1")
+    if not isinstance(data, bytes) or len(data) != dtype.itemsize:
+        raise pickle.UnpicklingError("a numpy scalar whose data does not match its dtype")
+    order = dtype.byteorder
+    if order == "native":
+        order = sys.byteorder
+    return int.from_bytes(data, order, signed=dtype.signed)
+
+
+def _latin1_encode(text: Any, encoding: Any = "latin1") -> bytes:
+    """An inert stand-in for ``_codecs.encode``, which Python 3 pickles bytes with (protocol 2)."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("an unexpected call of _codecs.encode")
+    return text.encode("latin1")
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """
+    Unpickles only what Pyro's polyphonic format holds: dicts, lists, tuples, strings and
+    integers (pickle opcodes, no code) and numpy integer scalars (and the byte strings inside
+    them), which map to the inert stand-ins above. Every other global (``os.system``,
+    ``builtins.eval``, any class) is refused before it is looked up, so nothing the file names
+    is ever imported or called.
+    """
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "scalar"): _int_scalar,
+        ("numpy._core.multiarray", "scalar"): _int_scalar,
+        ("numpy", "dtype"): _IntDType,
+        ("_codecs", "encode"): _latin1_encode,
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return self._ALLOWED[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"refused to load the global {module}.{name} (only numpy integer scalars are "
+                "allowed in a polyphonic data pickle)"
+            ) from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("refused a persistent id (not part of the format)")
+
+
+def _check_polyphonic(data: Any) -> Dict[str, List[List[List[int]]]]:
+    """Validate the unpickled structure; return it as plain lists of lists of ints."""
+    if not isinstance(data, dict):
+        raise PolyphonicDataError(
+            f"the top level is a {type(data).__name__}, expected a dict with keys {SPLITS}"
+        )
+    if set(data) != set(SPLITS):
+        raise PolyphonicDataError(
+            f"the keys are {sorted(map(repr, data))}, expected exactly {list(SPLITS)}"
+        )
+    checked: Dict[str, List[List[List[int]]]] = {}
+    for split in SPLITS:
+        sequences = data[split]
+        if not isinstance(sequences, (list, tuple)) or not sequences:
+            raise PolyphonicDataError(
+                f"split {split!r} is a {type(sequences).__name__}"
+                f"{' (empty)' if isinstance(sequences, (list, tuple)) else ''}, "
+                "expected a non-empty list of sequences"
+            )
+        out_split = []
+        for n, seq in enumerate(sequences):
+            where = f"split {split!r}, sequence {n}"
+            if not isinstance(seq, (list, tuple)) or not seq:
+                raise PolyphonicDataError(
+                    f"{where} is not a non-empty list of time steps (got {type(seq).__name__})"
+                )
+            out_seq = []
+            for t, step in enumerate(seq):
+                if not isinstance(step, (list, tuple)):
+                    raise PolyphonicDataError(
+                        f"{where}, step {t} is a {type(step).__name__}, expected a tuple of "
+                        "MIDI pitches"
+                    )
+                for pitch in step:
+                    if type(pitch) is not int:
+                        raise PolyphonicDataError(
+                            f"{where}, step {t} holds {pitch!r} ({type(pitch).__name__}), "
+                            "expected integer MIDI pitches"
+                        )
+                    if not MIN_NOTE <= pitch <= MAX_NOTE:
+                        raise PolyphonicDataError(
+                            f"{where}, step {t} holds the pitch {pitch}, outside the piano's "
+                            f"range {MIN_NOTE}..{MAX_NOTE}"
+                        )
+                out_seq.append(list(step))
+            out_split.append(out_seq)
+        checked[split] = out_split
+    return checked
+
+
+def read_polyphonic_pickle(
+    path: Union[str, "os.PathLike[str]"],
+) -> Dict[str, List[List[List[int]]]]:
+    """
+    Read a polyphonic data set in the pickle format of Pyro's loader, safely.
+
+    The file is read by a restricted unpickler that runs none of its code: only dicts, lists,
+    tuples, strings, integers and numpy integer scalars (decoded without numpy) are accepted;
+    any other global, such as the callable of a hostile ``__reduce__``, is refused before it is
+    imported. The structure is then validated: a dict with exactly the splits ``train``,
+    ``valid``, ``test``, each a non-empty list of non-empty sequences of time steps, each step a
+    tuple of integer MIDI pitches in ``21..108``.
+
+    :param path: the ``.pickle`` file.
+    :return: ``{split: [[[pitch, ...], ...], ...]}`` as plain Python lists and ints.
+    :rtype: dict
+    :raises PolyphonicDataError: naming the file and what is wrong with it.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = _RestrictedUnpickler(f, encoding="latin1").load()
+    except OSError as e:
+        raise PolyphonicDataError(f"cannot read the polyphonic data file {path}: {e}") from e
+    except PolyphonicDataError:
+        raise
+    except Exception as e:  # UnpicklingError, EOFError, ValueError, ... from a bad file
+        raise PolyphonicDataError(
+            f"{path} is not a polyphonic data pickle in the format of Pyro's loader: "
+            f"{type(e).__name__}: {e}"
+        ) from e
+    try:
+        return _check_polyphonic(data)
+    except PolyphonicDataError as e:
+        raise PolyphonicDataError(
+            f"{path} is not a polyphonic data set in the format of Pyro's loader: {e}"
+        ) from None
+
+
+def load_polyphonic_pickle(
+    path: Union[str, "os.PathLike[str]"],
+) -> Dict[str, Dict[str, torch.Tensor]]:
+    """
+    Load all three splits of a polyphonic data pickle (see :func:`read_polyphonic_pickle`) in the
+    tensor format of :func:`load_jsb_chorales`.
+
+    :param path: the ``.pickle`` file, e.g. Pyro's ``jsb_chorales.pickle``.
+    :return: ``{split: {"sequences": ..., "sequence_lengths": ...}}`` for ``train``, ``valid``,
+        ``test``.
+    :rtype: dict
+    :raises PolyphonicDataError: if the file is unreadable, hostile or malformed.
+    """
+    raw = read_polyphonic_pickle(path)
+    return {split: _split_to_tensors(raw[split]) for split in SPLITS}

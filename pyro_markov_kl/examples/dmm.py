@@ -34,6 +34,14 @@ masks built from the sequence lengths. The script prints the training loss per t
 each epoch and, at the end, the test negative log-likelihood bound per time slice,
 ``-ELBO / (number of test time slices)`` on the whole test set.
 
+The options of Pyro's example are available: an IAF guide (``--num-iafs``, ``--iaf-dim``: the
+flows' sites are estimated by Monte Carlo, having no closed-form KL), checkpoints
+(``--checkpoint``/``--resume`` for model, optimiser, epoch, losses and random number generators,
+so that a resumed run continues the same curve; Pyro's ``--save-model``/``--save-opt``/
+``--load-model``/``--load-opt`` for the model and optimiser alone; all read with
+``torch.load(weights_only=True)``), ``--data`` (a data set in the pickle format of Pyro's
+polyphonic loader, read by a restricted unpickler), ``--device``/``--cuda`` and ``--jit``.
+
 The defaults are small so that a run takes a few minutes on two CPU cores, and use a ``tanh``
 RNN in the guide, which trains stably at a larger step size; Pyro's full-size configuration is
 ``--z-dim 100 --emission-dim 100 --transition-dim 200 --rnn-dim 600 --rnn-nonlinearity relu
@@ -47,24 +55,49 @@ Reference:
 
 import argparse
 import math
+import os
+import random
+import sys
+import tempfile
 import time
 import warnings
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
 import torch.nn as nn
-from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
+from pyro.distributions import TransformedDistribution
+from pyro.distributions.transforms import affine_autoregressive
+from pyro.infer import (
+    SVI,
+    JitTrace_ELBO,
+    JitTraceMeanField_ELBO,
+    Trace_ELBO,
+    TraceMeanField_ELBO,
+)
 from pyro.infer.elbo import ELBO
 from pyro.optim import ClippedAdam
 from torch.nn.utils.rnn import PackedSequence
 from tqdm.auto import tqdm
 
-from pyro_markov_kl.data import get_mini_batch, load_jsb_chorales, pad_and_reverse
+from pyro_markov_kl.data import (
+    SPLITS,
+    PolyphonicDataError,
+    get_mini_batch,
+    load_jsb_chorales,
+    load_polyphonic_pickle,
+    pad_and_reverse,
+    reverse_sequences,
+)
 
 __all__ = [
+    "ARCHITECTURE_OPTIONS",
+    "SCRIPT_ONLY_OPTIONS",
+    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_VERSION",
+    "CheckpointError",
     "DMM",
     "ELBO_NAMES",
     "GUIDE_NAMES",
@@ -72,8 +105,14 @@ __all__ = [
     "Emitter",
     "GatedTransition",
     "build_elbo",
+    "get_rng_state",
+    "load_checkpoint",
+    "load_splits",
     "main",
     "make_parser",
+    "reject_options",
+    "save_checkpoint",
+    "set_rng_state",
 ]
 
 #: The names accepted by :func:`build_elbo` and ``--elbo``.
@@ -199,6 +238,12 @@ class DMM(nn.Module):
     :param str rnn_nonlinearity: ``"tanh"`` or ``"relu"`` (Pyro's example). With ``"relu"`` the
         RNN's hidden state is unbounded over long sequences and training at step sizes above
         Pyro's ``3e-4`` can diverge; ``"tanh"`` trained stably at ``1e-2`` in our runs.
+    :param int num_iafs: the number of inverse autoregressive flows
+        (:func:`~pyro.distributions.transforms.affine_autoregressive`) applied to the guide's
+        per-step Gaussian, as in Pyro's example (0: none). The flows are submodules
+        (``iafs_modules``), so their parameters train with the rest. A flow has no closed-form
+        KL: :class:`~pyro_markov_kl.TraceMarkovKL_ELBO` estimates those sites by Monte Carlo.
+    :param int iaf_dim: the hidden dimension of each flow's autoregressive network.
     """
 
     def __init__(
@@ -210,10 +255,14 @@ class DMM(nn.Module):
         rnn_dim: int = 64,
         guide: str = "forward",
         rnn_nonlinearity: str = "tanh",
+        num_iafs: int = 0,
+        iaf_dim: int = 50,
     ) -> None:
         super().__init__()
         if guide not in GUIDE_NAMES:
             raise ValueError(f"unknown guide {guide!r}; expected one of {GUIDE_NAMES}")
+        if num_iafs < 0 or iaf_dim < 1:
+            raise ValueError(f"need num_iafs >= 0 and iaf_dim >= 1, got {num_iafs}, {iaf_dim}")
         self.guide_direction = guide
         self.emitter = Emitter(input_dim, z_dim, emission_dim)
         self.trans = GatedTransition(z_dim, transition_dim)
@@ -231,14 +280,35 @@ class DMM(nn.Module):
         self.z_0 = nn.Parameter(torch.zeros(z_dim))
         self.z_q_0 = nn.Parameter(torch.zeros(z_dim))
         self.h_0 = nn.Parameter(torch.zeros(1, 1, rnn_dim))
+        # the flows of the guide, registered as submodules so that pyro.module trains them
+        self.iafs = [affine_autoregressive(z_dim, hidden_dims=[iaf_dim]) for _ in range(num_iafs)]
+        self.iafs_modules = nn.ModuleList(self.iafs)
+
+    def _guide_sample(
+        self,
+        name: str,
+        z_loc: torch.Tensor,
+        z_scale: torch.Tensor,
+        mask_t: torch.Tensor,
+        annealing_factor: Union[float, torch.Tensor],
+    ) -> torch.Tensor:
+        # one guide step: a diagonal Gaussian, pushed through the flows if there are any (their
+        # output's coordinates are correlated: the event shape is (z_dim,) without to_event)
+        if self.iafs:
+            z_dist = TransformedDistribution(dist.Normal(z_loc, z_scale), self.iafs)
+            fn = z_dist.mask(mask_t[:, 0])
+        else:
+            fn = dist.Normal(z_loc, z_scale).mask(mask_t).to_event(1)
+        with poutine.scale(scale=annealing_factor):
+            return pyro.sample(name, fn)
 
     def model(
         self,
         mini_batch: torch.Tensor,
-        mini_batch_reversed: PackedSequence,
+        mini_batch_reversed: Union[PackedSequence, torch.Tensor],
         mini_batch_mask: torch.Tensor,
         mini_batch_seq_lengths: torch.Tensor,
-        annealing_factor: float = 1.0,
+        annealing_factor: Union[float, torch.Tensor] = 1.0,
     ) -> None:
         """
         The model :math:`p(x_{1:T} \\mid z_{1:T})\\, p(z_{1:T})`.
@@ -273,19 +343,22 @@ class DMM(nn.Module):
     def guide(
         self,
         mini_batch: torch.Tensor,
-        mini_batch_reversed: PackedSequence,
+        mini_batch_reversed: Union[PackedSequence, torch.Tensor],
         mini_batch_mask: torch.Tensor,
         mini_batch_seq_lengths: torch.Tensor,
-        annealing_factor: float = 1.0,
+        annealing_factor: Union[float, torch.Tensor] = 1.0,
     ) -> None:
         """
         The guide :math:`q(z_{1:T} \\mid x_{1:T})`, in the direction given at construction.
 
         :param torch.Tensor mini_batch: the ``(B, T, 88)`` observations.
-        :param mini_batch_reversed: the packed time-reversed observations.
+        :param mini_batch_reversed: the time-reversed observations, packed (as Pyro's loader) or
+            as a zero-padded tensor (``get_mini_batch(..., pack=False)``, traceable by the JIT);
+            the forward guide's RNN gives the same outputs at the valid steps either way.
         :param torch.Tensor mini_batch_mask: the ``(B, T)`` 0/1 mask of valid steps.
         :param torch.Tensor mini_batch_seq_lengths: the ``(B,)`` lengths, longest first.
-        :param float annealing_factor: the scale of the latent sites.
+        :param annealing_factor: the scale of the latent sites (a float, or a scalar tensor for
+            the JIT).
         """
         pyro.module("dmm", self)
         h_0 = self.h_0.expand(1, mini_batch.size(0), self.rnn.hidden_size).contiguous()
@@ -304,25 +377,28 @@ class DMM(nn.Module):
     def _forward_guide(
         self,
         mini_batch: torch.Tensor,
-        mini_batch_reversed: PackedSequence,
+        mini_batch_reversed: Union[PackedSequence, torch.Tensor],
         mini_batch_mask: torch.Tensor,
         mini_batch_seq_lengths: torch.Tensor,
         h_0: torch.Tensor,
-        annealing_factor: float,
+        annealing_factor: Union[float, torch.Tensor],
     ) -> None:
         # the RNN runs backward in time, so that h_t summarises x_{t:T}
         T_max = mini_batch.size(1)
         rnn_output, _ = self.rnn(mini_batch_reversed, h_0)
-        rnn_output = pad_and_reverse(rnn_output, mini_batch_seq_lengths)
+        if isinstance(rnn_output, PackedSequence):
+            rnn_output = pad_and_reverse(rnn_output, mini_batch_seq_lengths)
+        else:
+            # padded input: the padding follows each reversed sequence, so the outputs at the
+            # valid steps are those of the packed run; reversing zeroes the rest
+            rnn_output = reverse_sequences(rnn_output, mini_batch_seq_lengths)
         z_prev = self.z_q_0.expand(mini_batch.size(0), self.z_q_0.size(0))
         with pyro.plate("z_minibatch", len(mini_batch)):
             for t in pyro.markov(range(1, T_max + 1)):
                 z_loc, z_scale = self.combiner(z_prev, rnn_output[:, t - 1, :])
-                with poutine.scale(scale=annealing_factor):
-                    z_t = pyro.sample(
-                        f"z_{t}",
-                        dist.Normal(z_loc, z_scale).mask(mini_batch_mask[:, t - 1 : t]).to_event(1),
-                    )
+                z_t = self._guide_sample(
+                    f"z_{t}", z_loc, z_scale, mini_batch_mask[:, t - 1 : t], annealing_factor
+                )
                 z_prev = z_t
 
     def _backward_guide(
@@ -330,7 +406,7 @@ class DMM(nn.Module):
         mini_batch: torch.Tensor,
         mini_batch_mask: torch.Tensor,
         h_0: torch.Tensor,
-        annealing_factor: float,
+        annealing_factor: Union[float, torch.Tensor],
     ) -> None:
         # the RNN runs forward in time, so that h_t summarises x_{1:t}; outputs at valid steps
         # never see the padding, which comes after
@@ -347,11 +423,9 @@ class DMM(nn.Module):
                 else:
                     z_cond = z_start
                 z_loc, z_scale = self.combiner(z_cond, rnn_output[:, t - 1, :])
-                with poutine.scale(scale=annealing_factor):
-                    z_t = pyro.sample(
-                        f"z_{t}",
-                        dist.Normal(z_loc, z_scale).mask(mini_batch_mask[:, t - 1 : t]).to_event(1),
-                    )
+                z_t = self._guide_sample(
+                    f"z_{t}", z_loc, z_scale, mini_batch_mask[:, t - 1 : t], annealing_factor
+                )
                 z_next = z_t
 
 
@@ -360,6 +434,7 @@ def build_elbo(
     num_particles: int = 1,
     vectorize_particles: bool = False,
     max_plate_nesting: int = 1,
+    jit: bool = False,
     **kwargs: Any,
 ) -> ELBO:
     """
@@ -371,18 +446,21 @@ def build_elbo(
     :param int num_particles: the number of samples per estimate.
     :param bool vectorize_particles: draw the particles in one vectorized pass.
     :param int max_plate_nesting: the number of plates (the DMM has one).
+    :param bool jit: the compiled twin (:class:`pyro_markov_kl.JitTraceMarkovKL_ELBO`,
+        :class:`pyro.infer.JitTrace_ELBO`, :class:`pyro.infer.JitTraceMeanField_ELBO`).
     :param kwargs: further constructor arguments of the ELBO.
     :return: the ELBO instance.
     :rtype: pyro.infer.elbo.ELBO
     """
+    cls: Any
     if name == "markov-kl":
-        from pyro_markov_kl import TraceMarkovKL_ELBO
+        from pyro_markov_kl import JitTraceMarkovKL_ELBO, TraceMarkovKL_ELBO
 
-        cls = TraceMarkovKL_ELBO
+        cls = JitTraceMarkovKL_ELBO if jit else TraceMarkovKL_ELBO
     elif name == "trace":
-        cls = Trace_ELBO
+        cls = JitTrace_ELBO if jit else Trace_ELBO
     elif name == "meanfield":
-        cls = TraceMeanField_ELBO
+        cls = JitTraceMeanField_ELBO if jit else TraceMeanField_ELBO
     else:
         raise ValueError(f"unknown ELBO {name!r}; expected one of {ELBO_NAMES}")
     return cls(
@@ -491,6 +569,77 @@ def make_parser() -> argparse.ArgumentParser:
         default=None,
         help="train on the first N training sequences only (default: all 229)",
     )
+    parser.add_argument(
+        "--num-iafs",
+        type=int,
+        default=0,
+        help="inverse autoregressive flows applied to the guide's per-step Gaussian, as Pyro's "
+        "example (their sites are estimated by Monte Carlo: a flow has no closed-form KL)",
+    )
+    parser.add_argument(
+        "--iaf-dim", type=int, default=50, help="hidden dimension of each flow (Pyro: 100)"
+    )
+    parser.add_argument(
+        "--data",
+        default=None,
+        metavar="PATH",
+        help="a polyphonic data set in the pickle format of Pyro's loader (e.g. Pyro's "
+        "jsb_chorales.pickle or piano_midi.pickle), read safely (no code in it runs) and "
+        "validated; default: the JSB Chorales bundled with the package",
+    )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device of the model and data (cpu, cuda, cuda:1, ...)",
+    )
+    parser.add_argument(
+        "--cuda", action="store_true", help="Pyro's flag: the same as --device cuda"
+    )
+    parser.add_argument(
+        "--jit",
+        action="store_true",
+        help="compile the loss with torch.jit (JitTraceMarkovKL_ELBO, JitTrace_ELBO or "
+        "JitTraceMeanField_ELBO); the guide then reads the time-reversed mini-batch as a padded "
+        "tensor (same result as the packed one, which the tracer cannot take) and the "
+        "evaluation uses the uncompiled ELBO",
+    )
+    checkpoints = parser.add_argument_group(
+        "checkpoints",
+        "--checkpoint/--resume save and restore everything a run needs to continue its curve "
+        "(model, optimiser, completed epochs, losses so far, random number generators); "
+        "Pyro's --save-model/--save-opt/--load-model/--load-opt save and load the model and "
+        "the optimiser state alone, in Pyro's layout. Files are written after every epoch and "
+        "read with torch.load(weights_only=True).",
+    )
+    checkpoints.add_argument(
+        "--checkpoint", metavar="PATH", default=None, help="save a full checkpoint here"
+    )
+    checkpoints.add_argument(
+        "--resume",
+        metavar="PATH",
+        default=None,
+        help="continue the run of this full checkpoint, up to --num-epochs epochs in total",
+    )
+    checkpoints.add_argument(
+        "-smod", "--save-model", metavar="PATH", default=None, help="save the model's state_dict"
+    )
+    checkpoints.add_argument(
+        "-sopt", "--save-opt", metavar="PATH", default=None, help="save the optimiser state"
+    )
+    checkpoints.add_argument(
+        "-lmod",
+        "--load-model",
+        metavar="PATH",
+        default=None,
+        help="load a model state_dict (Pyro's layout, or the model of a full checkpoint)",
+    )
+    checkpoints.add_argument(
+        "-lopt",
+        "--load-opt",
+        metavar="PATH",
+        default=None,
+        help="load an optimiser state (Pyro's layout, or the optimiser of a full checkpoint)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument(
         "--num-threads",
@@ -527,8 +676,29 @@ def nll_per_slice(elbo: ELBO, dmm: DMM, sequences: torch.Tensor, lengths: torch.
     return float(loss) / float(lengths.sum())
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file is unreadable, malformed or hostile, or does not fit the run."""
+
+
+#: The ``"format"`` entry of the full checkpoints written by ``--checkpoint``.
+CHECKPOINT_FORMAT = "pyro-markov-kl/dmm-checkpoint"
+#: The layout version of the full checkpoints.
+CHECKPOINT_VERSION = 1
+#: The options that shape the model: a checkpoint resumes only a run with the same values.
+ARCHITECTURE_OPTIONS = (
+    "z_dim",
+    "emission_dim",
+    "transition_dim",
+    "rnn_dim",
+    "rnn_nonlinearity",
+    "guide",
+    "num_iafs",
+    "iaf_dim",
+)
+
+
 def build_dmm(args: argparse.Namespace) -> DMM:
-    """The :class:`DMM` of the command-line sizes."""
+    """The :class:`DMM` of the command-line sizes, on ``args.device``."""
     return DMM(
         z_dim=args.z_dim,
         emission_dim=args.emission_dim,
@@ -536,7 +706,9 @@ def build_dmm(args: argparse.Namespace) -> DMM:
         rnn_dim=args.rnn_dim,
         guide=args.guide,
         rnn_nonlinearity=args.rnn_nonlinearity,
-    )
+        num_iafs=args.num_iafs,
+        iaf_dim=args.iaf_dim,
+    ).to(args.device)
 
 
 def build_optim(args: argparse.Namespace) -> ClippedAdam:
@@ -552,24 +724,302 @@ def build_optim(args: argparse.Namespace) -> ClippedAdam:
     )
 
 
+# --- random number generators, in a form torch.load(weights_only=True) reads ----------------------
+
+
+def get_rng_state(device: Optional[torch.device] = None) -> Dict[str, Any]:
+    """
+    The states of the random number generators a run draws from (torch's, the CUDA device's if
+    ``device`` is a CUDA device, Python's and numpy's), as tensors and plain containers.
+    """
+    state: Dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy comes with pyro
+        return state
+    key, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state["numpy"] = {
+        "key": str(key),
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached_gaussian),
+    }
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    """Restore the states of :func:`get_rng_state`."""
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((int(version), tuple(int(x) for x in internal), gauss))
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+    if "numpy" in state:
+        import numpy as np
+
+        s = state["numpy"]
+        keys = s["keys"].numpy().astype(np.uint32)
+        np.random.set_state((s["key"], keys, s["pos"], s["has_gauss"], s["cached_gaussian"]))
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+
+
+def _atomic_save(obj: Any, path: str) -> None:
+    # write beside the target and rename, so that an interrupted save leaves the old file whole
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _safe_load(path: str, what: str) -> Any:
+    """``torch.load(path, weights_only=True)`` with errors that say which file and why."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot read the {what} {path}: {e}") from e
+    except Exception as e:  # UnpicklingError (a refused global), RuntimeError (not a zip), ...
+        raise CheckpointError(
+            f"{path} is not a {what} that torch.load(weights_only=True) accepts: it is corrupt, "
+            "or holds code or objects other than tensors and plain containers, which are "
+            f"refused ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from e
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and all(
+        isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()
+    )
+
+
+def _is_optim_state(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and all(
+        isinstance(k, str) and isinstance(v, Mapping) and {"state", "param_groups"} <= set(v)
+        for k, v in obj.items()
+    )
+
+
+def save_checkpoint(
+    path: str,
+    dmm: DMM,
+    optim: ClippedAdam,
+    epoch: int,
+    train_losses: List[float],
+    evaluations: List[Dict[str, float]],
+    args: argparse.Namespace,
+) -> None:
+    """
+    Write a full checkpoint: model, optimiser, number of completed epochs, losses so far, random
+    number generator states and the model's options, as tensors and plain containers only.
+    """
+    _atomic_save(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "epoch": epoch,
+            "model": dmm.state_dict(),
+            "optim": optim.get_state(),
+            "rng": get_rng_state(torch.device(args.device)),
+            "train_losses": list(train_losses),
+            "evaluations": [dict(e) for e in evaluations],
+            "config": {name: getattr(args, name) for name in ARCHITECTURE_OPTIONS},
+        },
+        path,
+    )
+
+
+def load_checkpoint(path: str, args: Optional[argparse.Namespace] = None) -> Dict[str, Any]:
+    """
+    Read and validate a full checkpoint of :func:`save_checkpoint`.
+
+    :param str path: the file.
+    :param args: if given, the run's options: the checkpoint's model options must equal them.
+    :return: the checkpoint's dict.
+    :rtype: dict
+    :raises CheckpointError: naming the file and what is wrong.
+    """
+    ck = _safe_load(path, "DMM checkpoint")
+    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+        hint = ""
+        if _is_state_dict(ck):
+            hint = " (it is a bare state_dict, as --save-model writes: load it with --load-model)"
+        elif _is_optim_state(ck):
+            hint = " (it is an optimiser state, as --save-opt writes: load it with --load-opt)"
+        raise CheckpointError(f"{path} is not a full DMM checkpoint of --checkpoint{hint}")
+    if ck.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint version {ck.get('version')!r}; this version reads "
+            f"{CHECKPOINT_VERSION}"
+        )
+    rng = ck.get("rng")
+    checks = [
+        ("epoch", isinstance(ck.get("epoch"), int) and ck["epoch"] >= 0, "a count >= 0"),
+        ("model", _is_state_dict(ck.get("model")), "a state_dict of tensors"),
+        ("optim", _is_optim_state(ck.get("optim")), "an optimiser state"),
+        (
+            "rng",
+            isinstance(rng, dict)
+            and torch.is_tensor(rng.get("torch"))
+            and isinstance(rng.get("python"), tuple)
+            and len(rng["python"]) == 3,
+            "random number generator states",
+        ),
+        (
+            "train_losses",
+            isinstance(ck.get("train_losses"), list)
+            and all(isinstance(x, float) for x in ck["train_losses"]),
+            "a list of floats",
+        ),
+        ("evaluations", isinstance(ck.get("evaluations"), list), "a list"),
+        ("config", isinstance(ck.get("config"), dict), "a dict of options"),
+    ]
+    for key, ok, expected in checks:
+        if not ok:
+            raise CheckpointError(f"{path}: the entry {key!r} is missing or not {expected}")
+    if len(ck["train_losses"]) != ck["epoch"]:
+        raise CheckpointError(f"{path}: {ck['epoch']} epochs but {len(ck['train_losses'])} losses")
+    if args is not None:
+        differ = [
+            f"--{name.replace('_', '-')} {ck['config'].get(name)!r} (this run: "
+            f"{getattr(args, name)!r})"
+            for name in ARCHITECTURE_OPTIONS
+            if ck["config"].get(name) != getattr(args, name)
+        ]
+        if differ:
+            raise CheckpointError(
+                f"{path} was written by a run with a different model: " + ", ".join(differ)
+            )
+    return ck
+
+
+def _load_model_state(dmm: DMM, state: Any, path: str) -> None:
+    if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
+        state = state.get("model")
+    if not _is_state_dict(state):
+        raise CheckpointError(f"{path} is not a model state_dict (a dict of named tensors)")
+    try:
+        dmm.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not fit this model (check the sizes): {e}") from e
+
+
+def _load_optim_state(optim: ClippedAdam, dmm: DMM, state: Any, path: str) -> None:
+    if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
+        state = state.get("optim")
+    if not _is_optim_state(state):
+        raise CheckpointError(f"{path} is not an optimiser state (a dict of optimiser states)")
+    expected = {f"dmm$$${name}" for name, _ in dmm.named_parameters()}
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise CheckpointError(
+            f"{path} is the optimiser state of other parameters (missing: {missing[:3]}, "
+            f"unexpected: {extra[:3]})"
+        )
+    # Pyro hands each parameter its state when the parameter is first optimised
+    optim.set_state(state)
+
+
+# --- command line -------------------------------------------------------------------------------
+
+#: Options of this script that the scripts built on its parser (``dmm_compare``,
+#: ``dmm_distributed``) do not implement; they reject them with :func:`reject_options`.
+SCRIPT_ONLY_OPTIONS = (
+    "data",
+    "device",
+    "cuda",
+    "jit",
+    "checkpoint",
+    "resume",
+    "save_model",
+    "save_opt",
+    "load_model",
+    "load_opt",
+)
+
+
+def reject_options(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    script: str,
+    names: Sequence[str] = SCRIPT_ONLY_OPTIONS,
+) -> None:
+    """
+    Exit with a parser error if any of the options ``names`` (inherited from :func:`make_parser`
+    by another script that does not implement them) was given a non-default value.
+    """
+    for name in names:
+        if name in vars(args) and getattr(args, name) != parser.get_default(name):
+            parser.error(
+                f"--{name.replace('_', '-')} is an option of pyro_markov_kl.examples.dmm that "
+                f"{script} does not implement"
+            )
+
+
+def _resolve_device(parser: argparse.ArgumentParser, args: argparse.Namespace) -> torch.device:
+    if args.cuda:
+        if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda"):
+            parser.error(f"--cuda contradicts --device {args.device}")
+        if not args.device.startswith("cuda"):
+            args.device = "cuda"
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError) as e:
+        parser.error(f"--device {args.device}: not a torch device ({e})")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            parser.error(
+                f"{'--cuda' if args.cuda else '--device ' + args.device}: CUDA is not available "
+                "(torch.cuda.is_available() is False: no GPU, or a CPU-only torch build); "
+                "run with --device cpu"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            parser.error(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s)")
+    else:
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as e:
+            parser.error(f"--device {args.device}: not usable here ({e})")
+    return device
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """
     Train the DMM and report the test NLL bound per time slice.
 
     :param argv: command-line arguments (see ``--help``); ``None`` reads :data:`sys.argv`.
     :return: a dict with ``"elbo"``, ``"guide"``, ``"train_loss_per_slice"`` (last epoch),
-        ``"train_losses_per_slice"`` (every epoch), ``"test_nll_per_slice"``,
-        ``"num_train_slices"``, ``"num_test_slices"``, ``"seconds"`` (training) and
-        ``"evaluations"`` (validation/test bounds during training, if any).
+        ``"train_losses_per_slice"`` (every epoch, including those of a resumed checkpoint),
+        ``"test_nll_per_slice"``, ``"num_train_slices"``, ``"num_test_slices"``, ``"seconds"``
+        (training in this run), ``"evaluations"`` (validation/test bounds during training, if
+        any), ``"start_epoch"`` (epochs already done by a resumed checkpoint) and ``"device"``.
     :rtype: dict
+    :raises pyro_markov_kl.data.PolyphonicDataError: if the ``--data`` file is unreadable,
+        hostile or malformed.
+    :raises CheckpointError: if a checkpoint file to load is unreadable, hostile, malformed or
+        does not fit the model.
     """
     parser = make_parser()
     args = parser.parse_args(argv)
-    for name in ("num_epochs", "batch_size", "num_particles", "test_particles"):
+    for name in ("num_epochs", "batch_size", "num_particles", "test_particles", "iaf_dim"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.num_iafs < 0:
+        parser.error("--num-iafs must be at least 0")
     if args.max_train_sequences is not None and args.max_train_sequences < 1:
         parser.error("--max-train-sequences must be at least 1")
+    if args.resume and (args.load_model or args.load_opt):
+        parser.error("--resume restores the model and the optimiser: drop --load-model/--load-opt")
+    args.device = str(_resolve_device(parser, args))
     if args.num_threads > 0:
         torch.set_num_threads(args.num_threads)
     with warnings.catch_warnings():
@@ -586,12 +1036,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 def load_train_split(
     max_train_sequences: Optional[int] = None,
+    train: Optional[Dict[str, torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """
-    The JSB Chorales training sequences and their lengths, the first
-    ``max_train_sequences`` of them if given (cut to the longest of those).
+    The training sequences and their lengths (of the bundled JSB Chorales unless ``train`` is
+    given), the first ``max_train_sequences`` of them if given (cut to the longest of those).
     """
-    train = load_jsb_chorales("train")
+    if train is None:
+        train = load_jsb_chorales("train")
     sequences, lengths = train["sequences"], train["sequence_lengths"]
     if max_train_sequences is not None:
         lengths = lengths[:max_train_sequences]
@@ -599,21 +1051,38 @@ def load_train_split(
     return sequences, lengths
 
 
+def load_splits(data: Optional[str] = None) -> Dict[str, Dict[str, torch.Tensor]]:
+    """
+    The three splits: of the pickle at ``data`` (see
+    :func:`pyro_markov_kl.data.load_polyphonic_pickle`) or of the bundled JSB Chorales.
+    """
+    if data is not None:
+        return load_polyphonic_pickle(data)
+    return {split: load_jsb_chorales(split) for split in SPLITS}
+
+
 def _run(args: argparse.Namespace) -> Dict[str, Any]:
     pyro.set_rng_seed(args.seed)
     pyro.clear_param_store()
+    device = torch.device(args.device)
 
-    train_sequences, train_lengths = load_train_split(args.max_train_sequences)
-    test = load_jsb_chorales("test")
+    splits = {
+        split: {key: value.to(device) for key, value in tensors.items()}
+        for split, tensors in load_splits(args.data).items()
+    }
+    train_sequences, train_lengths = load_train_split(args.max_train_sequences, splits["train"])
+    test = splits["test"]
     num_train = len(train_lengths)
     num_train_slices = int(train_lengths.sum())
     num_test_slices = int(test["sequence_lengths"].sum())
     num_mini_batches = math.ceil(num_train / args.batch_size)
     print(
-        f"DMM on JSB Chorales: elbo={args.elbo} guide={args.guide} z_dim={args.z_dim} "
-        f"emission_dim={args.emission_dim} transition_dim={args.transition_dim} "
-        f"rnn_dim={args.rnn_dim} num_particles={args.num_particles}"
-        f"{' (vectorized)' if args.vectorize_particles else ''}",
+        f"DMM on {args.data or 'JSB Chorales'}: elbo={args.elbo}{' (jit)' if args.jit else ''} "
+        f"guide={args.guide} z_dim={args.z_dim} emission_dim={args.emission_dim} "
+        f"transition_dim={args.transition_dim} rnn_dim={args.rnn_dim} "
+        f"num_iafs={args.num_iafs}{f' (iaf_dim={args.iaf_dim})' if args.num_iafs else ''} "
+        f"num_particles={args.num_particles}"
+        f"{' (vectorized)' if args.vectorize_particles else ''} device={device}",
         flush=True,
     )
     print(
@@ -626,19 +1095,61 @@ def _run(args: argparse.Namespace) -> Dict[str, Any]:
     dmm = build_dmm(args)
     optim = build_optim(args)
     elbo = build_elbo(
-        args.elbo, num_particles=args.num_particles, vectorize_particles=args.vectorize_particles
+        args.elbo,
+        num_particles=args.num_particles,
+        vectorize_particles=args.vectorize_particles,
+        jit=args.jit,
     )
     test_elbo = build_elbo(
         args.elbo, num_particles=args.test_particles, vectorize_particles=args.vectorize_particles
     )
     svi = SVI(dmm.model, dmm.guide, optim, loss=elbo)
+    # Pyro's compiled ELBOs compile once per number of arguments and reuse the graph for every
+    # shape, but the DMM's graph depends on the mini-batch's shape (its number of time steps):
+    # one compiled ELBO per shape (JitTraceMarkovKL_ELBO keys its graphs on shapes itself)
+    svi_by_shape: Dict[Tuple[int, ...], SVI] = {}
+
+    def svi_for(batch: Sequence[torch.Tensor]) -> SVI:
+        if not args.jit or args.elbo == "markov-kl":
+            return svi
+        shape = tuple(batch[0].shape)
+        if shape not in svi_by_shape:
+            loss = build_elbo(
+                args.elbo,
+                num_particles=args.num_particles,
+                vectorize_particles=args.vectorize_particles,
+                jit=True,
+            )
+            svi_by_shape[shape] = SVI(dmm.model, dmm.guide, optim, loss=loss)
+        return svi_by_shape[shape]
 
     train_losses: List[float] = []
     evaluations: List[Dict[str, float]] = []
+    start_epoch = 0
+    if args.resume:
+        ck = load_checkpoint(args.resume, args)
+        _load_model_state(dmm, ck["model"], args.resume)
+        _load_optim_state(optim, dmm, ck["optim"], args.resume)
+        start_epoch = ck["epoch"]
+        train_losses = list(ck["train_losses"])
+        evaluations = list(ck["evaluations"])
+        try:
+            set_rng_state(ck["rng"])
+        except Exception as e:
+            raise CheckpointError(f"{args.resume}: bad random number generator state: {e}") from e
+        print(f"resumed from {args.resume} after epoch {start_epoch}", flush=True)
+    if args.load_model:
+        _load_model_state(dmm, _safe_load(args.load_model, "model file"), args.load_model)
+        print(f"loaded the model from {args.load_model}", flush=True)
+    if args.load_opt:
+        _load_optim_state(optim, dmm, _safe_load(args.load_opt, "optimiser file"), args.load_opt)
+        print(f"loaded the optimiser state from {args.load_opt}", flush=True)
+
     start = time.perf_counter()
-    for epoch in range(args.num_epochs):
+    for epoch in range(start_epoch, args.num_epochs):
         epoch_start = time.perf_counter()
         epoch_loss = 0.0
+        # shuffle on the CPU generator whatever the device, so that runs agree across devices
         shuffled = torch.randperm(num_train)
         progress = tqdm(
             range(num_mini_batches),
@@ -647,7 +1158,7 @@ def _run(args: argparse.Namespace) -> Dict[str, Any]:
             disable=None,
         )
         for which in progress:
-            factor = annealing_factor(
+            factor: Union[float, torch.Tensor] = annealing_factor(
                 epoch,
                 which,
                 num_mini_batches,
@@ -655,17 +1166,19 @@ def _run(args: argparse.Namespace) -> Dict[str, Any]:
                 args.minimum_annealing_factor,
             )
             indices = shuffled[which * args.batch_size : (which + 1) * args.batch_size]
-            batch = get_mini_batch(indices, train_sequences, train_lengths)
-            epoch_loss += svi.step(*batch, factor)
+            batch = get_mini_batch(indices, train_sequences, train_lengths, pack=not args.jit)
+            if args.jit:  # the compiled loss takes tensors: a float would recompile every step
+                factor = torch.tensor(factor, device=device)
+            epoch_loss += svi_for(batch).step(*batch, factor)
         progress.close()
         train_losses.append(epoch_loss / num_train_slices)
         print(
             f"[epoch {epoch + 1:4d}] train loss per time slice {train_losses[-1]:.4f}  "
-            f"(annealing factor {factor:.3f}, {time.perf_counter() - epoch_start:.1f} s)",
+            f"(annealing factor {float(factor):.3f}, {time.perf_counter() - epoch_start:.1f} s)",
             flush=True,
         )
         if args.test_frequency > 0 and (epoch + 1) % args.test_frequency == 0:
-            valid = load_jsb_chorales("valid")
+            valid = splits["valid"]
             val_nll = nll_per_slice(test_elbo, dmm, valid["sequences"], valid["sequence_lengths"])
             test_nll = nll_per_slice(test_elbo, dmm, test["sequences"], test["sequence_lengths"])
             evaluations.append({"epoch": epoch + 1, "valid": val_nll, "test": test_nll})
@@ -674,6 +1187,13 @@ def _run(args: argparse.Namespace) -> Dict[str, Any]:
                 f"test {test_nll:.4f}",
                 flush=True,
             )
+        # after the evaluation, which draws random numbers too: a resumed run continues here
+        if args.checkpoint:
+            save_checkpoint(args.checkpoint, dmm, optim, epoch + 1, train_losses, evaluations, args)
+        if args.save_model:
+            _atomic_save(dmm.state_dict(), args.save_model)
+        if args.save_opt:
+            _atomic_save(optim.get_state(), args.save_opt)
     seconds = time.perf_counter() - start
 
     test_nll = nll_per_slice(test_elbo, dmm, test["sequences"], test["sequence_lengths"])
@@ -693,8 +1213,13 @@ def _run(args: argparse.Namespace) -> Dict[str, Any]:
         "num_test_slices": num_test_slices,
         "seconds": seconds,
         "evaluations": evaluations,
+        "start_epoch": start_epoch,
+        "device": str(device),
     }
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (PolyphonicDataError, CheckpointError) as e:
+        sys.exit(f"error: {e}")

@@ -55,6 +55,7 @@ from pyro_markov_kl.examples.dmm import (
     build_elbo,
     build_optim,
     nll_per_slice,
+    reject_options,
 )
 from pyro_markov_kl.examples.dmm import make_parser as dmm_parser
 
@@ -375,6 +376,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """
     parser = make_parser()
     args = parser.parse_args(argv)
+    reject_options(parser, args, "dmm_compare")
     if args.elbo is not None:
         parser.error("use --elbos (comma-separated) to choose the estimators")
     names = _elbo_names(args.elbos)

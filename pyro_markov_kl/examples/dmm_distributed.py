@@ -114,6 +114,7 @@ from pyro_markov_kl.examples.dmm import (
     build_dmm,
     build_elbo,
     load_train_split,
+    reject_options,
 )
 from pyro_markov_kl.examples.dmm import make_parser as make_dmm_parser
 
@@ -663,6 +664,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser = make_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    reject_options(parser, args, "dmm_distributed")
     _check_args(parser, args)
     under_torchrun = "WORLD_SIZE" in os.environ and "RANK" in os.environ
     if under_torchrun and args.nproc is not None:
