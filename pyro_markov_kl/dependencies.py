@@ -111,7 +111,11 @@ class DependencyMessenger(Messenger):
         if reason is not None:
             self.unknown[name] = reason
         if torch.is_tensor(value):
-            tracker.tag(value, name)
+            # an observed value (data, a pyro.factor, a pyro.deterministic) is not sampled
+            # here: what it is computed from stays in its provenance, so that a site using a
+            # pyro.deterministic of z depends on z
+            prior = tracker.provenance(value) if msg["is_observed"] else 0
+            tracker.tag(value, name, also=prior)
 
     def dependencies(self) -> ProgramDependencies:
         names_of = self.tracker.names_of

@@ -205,17 +205,17 @@ class DependencyTracker:
             bits |= self.provenance(tensor)
         return bits
 
-    def tag(self, tensor: torch.Tensor, name: str) -> int:
+    def tag(self, tensor: torch.Tensor, name: str, also: int = 0) -> int:
         """
         Register a new sample site and make ``tensor`` (and every alias of its
-        storage) depend on it.
+        storage) depend on it, and on the sites of the bit set ``also``.
 
         :returns: the site's bit
         """
         bit = 1 << len(self.names)
         self.names.append(name)
-        self._set(tensor, bit)
-        self._taint_storage(tensor, bit)
+        self._set(tensor, bit | also)
+        self._taint_storage(tensor, bit | also)
         return bit
 
     def all_sites(self) -> int:
