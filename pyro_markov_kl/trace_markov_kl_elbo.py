@@ -333,6 +333,7 @@ def warn_guide_order(plan: Plan) -> None:
     ("Failed to verify mean field restriction on the guide") and is biased.
     The estimate stays unbiased (the site uses Monte Carlo).
     """
+
     def by_order(rec: SiteRecord) -> bool:
         late_parents = rec.model_parents & rec.guide_descendants
         return bool(late_parents) and not (
