@@ -16,7 +16,7 @@ from .kl import (
 )
 from .plan import Plan, SiteRecord
 from .trace_enum_markov_kl_elbo import EnumPlan, JitTraceEnumMarkovKL_ELBO, TraceEnumMarkovKL_ELBO
-from .trace_markov_kl_elbo import JitTraceMarkovKL_ELBO, TraceMarkovKL_ELBO
+from .trace_markov_kl_elbo import GuideOrderWarning, JitTraceMarkovKL_ELBO, TraceMarkovKL_ELBO
 
 
 def __getattr__(name: str):
@@ -31,6 +31,7 @@ def __getattr__(name: str):
 __all__ = [
     "ELBOComparison",
     "EnumPlan",
+    "GuideOrderWarning",
     "JitTraceEnumMarkovKL_ELBO",
     "JitTraceMarkovKL_ELBO",
     "KLDivergenceError",

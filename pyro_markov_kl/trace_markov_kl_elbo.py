@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 import weakref
 from typing import Any, Callable, Iterator, Mapping, Optional, Tuple
 
@@ -18,7 +19,7 @@ from pyro.util import check_if_enumerated, check_model_guide_match, check_site_s
 
 from .dependencies import analyse_dependencies
 from .guide_messenger import guide_messenger_traces, is_guide_messenger
-from .plan import Plan, build_plan, check_model_guide_sites
+from .plan import Plan, SiteRecord, build_plan, check_model_guide_sites
 from .plan_cache import PlanCache
 from .score_function import score_function_terms
 from .terms import elbo_terms, sum_terms
@@ -198,7 +199,7 @@ class TraceMarkovKL_ELBO(ELBO):
         # depend on every earlier one (ProgramDependencies.unknown), with vectorize_particles=True
         # too: the particles are one trace, so they cannot differ in structure.
         guide_deps, model_deps = analyse_dependencies(model, guide, guide_trace, args, kwargs)
-        return build_plan(
+        plan = build_plan(
             prune_subsample_sites(model_trace),
             prune_subsample_sites(guide_trace),
             guide_deps,
@@ -206,6 +207,9 @@ class TraceMarkovKL_ELBO(ELBO):
             self.kl_rules,
             self.leave_one_out_baseline,
         )
+        if is_validation_enabled():
+            warn_guide_order(plan)
+        return plan
 
     def explain(self, model: Callable, guide: Callable, *args, **kwargs) -> Plan:
         """
@@ -320,6 +324,48 @@ class TraceMarkovKL_ELBO(ELBO):
         return loss
 
 
+class GuideOrderWarning(UserWarning):
+    """
+    A latent site uses Monte Carlo instead of the analytic KL because the guide
+    samples one of its model parents after it, conditioned on it; see
+    :func:`warn_guide_order`.
+    """
+
+
+def warn_guide_order(plan: Plan) -> None:
+    """
+    Under validation, once per plan: warn (:class:`GuideOrderWarning`) if the
+    guide's order keeps a site from the analytic KL, the situation in which
+    :class:`~pyro.infer.trace_mean_field_elbo.TraceMeanField_ELBO` warns
+    ("Failed to verify mean field restriction on the guide") and is biased.
+    The estimate stays unbiased (the site uses Monte Carlo).
+    """
+
+    def by_order(rec: SiteRecord) -> bool:
+        late_parents = rec.model_parents & rec.guide_descendants
+        return bool(late_parents) and not (
+            rec.name in plan.model.unknown or any(p in plan.guide.unknown for p in late_parents)
+        )  # not where a value reaching Python made the dependencies unknown
+
+    late = [
+        name
+        for name, rec in plan.sites.items()
+        if not rec.auxiliary and rec.estimator == "mc" and rec.override == "auto" and by_order(rec)
+    ]
+    if late:
+        rec = plan.sites[late[0]]
+        more = f" (and {len(late) - 1} more site(s))" if len(late) > 1 else ""
+        warnings.warn(
+            f"Failed to verify mean field restriction on the guide at site '{rec.name}'{more}: "
+            f"{rec.reason}, so it uses Monte Carlo, not the analytic KL (unbiased either way). "
+            "To eliminate this warning, sample the model's parents of a site before it in the "
+            "guide, without conditioning them on it (the model's order), or set "
+            "infer={'kl': 'mc'} on the site",
+            GuideOrderWarning,
+            stacklevel=2,
+        )
+
+
 def check_site_shapes(trace: Trace, max_plate_nesting: float) -> None:
     """
     Pyro's :func:`~pyro.util.check_site_shape` at every sample site, as
@@ -424,4 +470,4 @@ class JitTraceMarkovKL_ELBO(TraceMarkovKL_ELBO):
         return loss
 
 
-__all__ = ["JitTraceMarkovKL_ELBO", "TraceMarkovKL_ELBO"]
+__all__ = ["GuideOrderWarning", "JitTraceMarkovKL_ELBO", "TraceMarkovKL_ELBO"]

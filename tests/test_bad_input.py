@@ -14,6 +14,10 @@ import torch
 
 from pyro_markov_kl import KLDivergenceError, TraceMarkovKL_ELBO, isolated_kl_registry, register_kl
 
+# backward guides are part of these tests: TraceMarkovKL_ELBO's GuideOrderWarning (issue 13) is
+# expected here, and Pyro's test configuration turns warnings into errors
+pytestmark = pytest.mark.filterwarnings("ignore:Failed to verify mean field restriction")
+
 
 @pytest.fixture(params=[True, False], ids=["validation", "no-validation"])
 def validation(request):

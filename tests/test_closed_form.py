@@ -51,6 +51,10 @@ from lg import (
     markov_kl_class,
 )
 
+# backward guides are part of these tests: TraceMarkovKL_ELBO's GuideOrderWarning (issue 13) is
+# expected here, and Pyro's test configuration turns warnings into errors
+pytestmark = pytest.mark.filterwarnings("ignore:Failed to verify mean field restriction")
+
 T = 5
 X = [0.6, -0.4, 1.1, 0.3, -0.9]
 N_PARTICLES = 4096

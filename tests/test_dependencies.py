@@ -13,6 +13,10 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from pyro_markov_kl import TraceMarkovKL_ELBO
 from pyro_markov_kl.provenance import DependencyTracker, reachable_tensors
 
+# backward guides are part of these tests: TraceMarkovKL_ELBO's GuideOrderWarning (issue 13) is
+# expected here, and Pyro's test configuration turns warnings into errors
+pytestmark = pytest.mark.filterwarnings("ignore:Failed to verify mean field restriction")
+
 # Each flow maps the sampled values (a, b) of shape (2, 3) to a tensor that
 # depends on a only.
 FLOWS = {

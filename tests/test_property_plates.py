@@ -85,6 +85,10 @@ from pyro.infer import ELBO, Trace_ELBO
 
 from pyro_markov_kl import TraceMarkovKL_ELBO
 
+# backward guides are part of these tests: TraceMarkovKL_ELBO's GuideOrderWarning (issue 13) is
+# expected here, and Pyro's test configuration turns warnings into errors
+pytestmark = pytest.mark.filterwarnings("ignore:Failed to verify mean field restriction")
+
 N_SE = 5.0
 N_BATCHES = 20
 N_PARTICLES = 3000
