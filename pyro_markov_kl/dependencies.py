@@ -47,6 +47,20 @@ class ProgramDependencies:
     unknown: Mapping[str, str]
     escapes: Tuple[Tuple[Tuple[str, ...], str], ...] = ()
 
+    def latent_parents(self, latents: frozenset) -> Dict[str, frozenset]:
+        """
+        For each site, the sites of ``latents`` its distribution depends on,
+        directly or through sites that are not latents (observed sites,
+        ``pyro.deterministic``, a model latent the guide does not sample): those
+        pass their own such parents on, as a value computed from them would.
+        """
+        result: Dict[str, frozenset] = {}
+        for name in self.order:
+            direct = self.parents[name]
+            through = [result.get(p, frozenset()) for p in direct - latents]
+            result[name] = (direct & latents).union(*through)
+        return result
+
     def descendants(self) -> Dict[str, frozenset]:
         """
         The transitive closure of :attr:`parents` reversed: for each site the

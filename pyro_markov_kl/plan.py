@@ -216,24 +216,28 @@ def check_model_guide_sites(model_trace: Trace, guide_trace: Trace, strict: bool
     model) are auxiliary, as in Trace_ELBO, which under validation warns about
     the last (:func:`pyro.util.check_model_guide_match`).
 
-    :param strict: also reject those guide sites (for
+    A model latent without a guide site is drawn by the model and counts as
+    ``log p`` at that draw, as in Trace_ELBO (which warns under validation).
+
+    :param strict: also reject those guide sites and such model latents (for
         :class:`~pyro_markov_kl.trace_enum_markov_kl_elbo.TraceEnumMarkovKL_ELBO`)
-    :raises ValueError: naming the site, if a model latent has no guide site,
-        or the model's and the guide's event shapes differ (with the words of
-        Pyro's error for the same situation, "Model and guide event_dims
-        disagree" or "Model and guide shapes disagree"); with ``strict``, if a
-        guide site is observed, observed in the model, or neither in the model
-        nor auxiliary
+    :raises ValueError: naming the site, if the model's and the guide's event
+        shapes differ (with the words of Pyro's error for the same situation,
+        "Model and guide event_dims disagree" or "Model and guide shapes
+        disagree"); with ``strict``, if a guide site is observed, observed in
+        the model, or neither in the model nor auxiliary, or a model latent has
+        no guide site
     """
     model_sites = sample_sites(model_trace)
     guide_sites = sample_sites(guide_trace)
-    for name, site in model_sites.items():
-        if not site["is_observed"] and name not in guide_sites:
-            raise ValueError(
-                f"site '{name}' is a latent sample site of the model but the guide has no "
-                "site of that name; add it to the guide, or observe it in the model "
-                "(obs=...)"
-            )
+    if strict:
+        for name, site in model_sites.items():
+            if not site["is_observed"] and name not in guide_sites:
+                raise ValueError(
+                    f"site '{name}' is a latent sample site of the model but the guide has no "
+                    "site of that name; add it to the guide, or observe it in the model "
+                    "(obs=...)"
+                )
     for name, site in guide_sites.items():
         if strict:
             _check_strict(name, site, model_sites)
@@ -372,12 +376,15 @@ def build_plan(
     # sampled guide values: a pyro.factor or pyro.deterministic is a function of them
     latents = frozenset(n for n, s in guide_sites.items() if not s["is_observed"])
     descendants = guide_deps.descendants()
+    model_parents = model_deps.latent_parents(latents)
 
     records: Dict[str, SiteRecord] = {}
     observed = []
     groups: Dict[Any, list] = {}
     for name, model_site in model_sites.items():
-        if model_site["is_observed"]:
+        if model_site["is_observed"] or name not in guide_sites:
+            # a model latent the guide does not sample is drawn by the model, and its term
+            # is log p at that draw, as in Trace_ELBO (which warns about it under validation)
             if name not in guide_sites:
                 observed.append(name)  # else one Monte Carlo term with the guide's, below
             continue
@@ -388,7 +395,7 @@ def build_plan(
         common = dict(
             name=name,
             guide_parents=guide_deps.parents[name] & latents,
-            model_parents=model_deps.parents[name] & latents,
+            model_parents=model_parents[name],
             guide_descendants=descendants[name],
             override=option,
             reparameterized=is_reparameterized(guide_site),
@@ -474,7 +481,7 @@ def auxiliary_record(
     reparameterized = is_reparameterized(guide_site)
     if model_site is not None:
         what += ": contributes log p - log q at the observed value"
-        model_parents = model_deps.parents.get(name, frozenset()) & latents
+        model_parents = model_deps.latent_parents(latents).get(name, frozenset())
     else:
         what += ": contributes -log q"
         model_parents = frozenset()
@@ -520,7 +527,8 @@ def add_downstream_costs(
     """
     if all(r.reparameterized for r in records.values()):
         return records
-    term_inputs = {name: model_deps.parents[name] & latents for name in observed}
+    model_parents = model_deps.latent_parents(latents)
+    term_inputs = {name: model_parents[name] for name in observed}
     for name, rec in records.items():
         inputs = rec.guide_parents | rec.model_parents
         term_inputs[name] = inputs if rec.estimator == "analytic" else inputs | {name}

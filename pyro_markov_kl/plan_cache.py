@@ -172,6 +172,9 @@ class PlanCache(OrderedDict):
                     structure_key(model_trace, guide_trace),
                 )
             )
+            return self._lookup(key, owner, build)
+
+    def _lookup(self, key: StructureKey, owner: Hashable, build: Callable[[], Any]) -> Any:
         if owner in self._volatile:
             return build()
         plan = self.get(key)
