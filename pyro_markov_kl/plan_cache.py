@@ -140,6 +140,8 @@ class PlanCache(OrderedDict):
     def __init__(self, maxsize: int = 256) -> None:
         super().__init__()
         self.maxsize = maxsize
+        #: the uses of a plan at which it is checked, and the period after (``0``: never)
+        self.check_at, self.check_every = CHECK_AT, CHECK_EVERY
         self._uses: Dict[StructureKey, int] = {}
         #: owners whose dependencies changed under an equal key: analysed every step
         self._volatile: set = set()
@@ -188,7 +190,7 @@ class PlanCache(OrderedDict):
             return plan
         self.move_to_end(key)
         uses = self._uses[key] = self._uses.get(key, 1) + 1
-        if uses in CHECK_AT or uses % CHECK_EVERY == 0:
+        if uses in self.check_at or (self.check_every and uses % self.check_every == 0):
             return self._check(key, owner, plan, build(), uses)
         return plan
 
@@ -208,7 +210,7 @@ class PlanCache(OrderedDict):
         old, new = _decisions(plan)[0], _decisions(fresh)[0]
         changed = sorted(n for n in set(old) | set(new) if old.get(n) != new.get(n))
         self._volatile.add(owner)
-        last = max([c for c in CHECK_AT if c < uses] + [uses - CHECK_EVERY, 1])
+        last = max([c for c in self.check_at if c < uses] + [uses - self.check_every, 1])
         warnings.warn(
             f"the dependency structure changed between steps with an equal plan key "
             f"(the same sites, shapes and non-tensor arguments): the plan of site(s) "
