@@ -187,9 +187,7 @@ def analyse_dependencies(
 
     # without autograd: dependencies are found at the dispatcher, below autograd, so the
     # result is the same, and no graph is kept alive
-    tracing_state = torch._C._get_tracing_state()
-    torch._C._set_tracing_state(None)  # the analysis is never part of a JIT-compiled graph
-    try:
+    with outside_jit_trace():
         with no_side_effects(), pyro.validation_enabled(False), torch.no_grad():
             if is_guide_messenger(guide):
                 return analyse_guide_messenger(guide, guide_trace, args, kwargs)
@@ -198,9 +196,22 @@ def analyse_dependencies(
             tracker = DependencyTracker()
             guide_deps = _run_tracked(guide, guide_trace, args, kwargs, tracker)
             model_deps = _run_tracked(model, guide_trace, args, kwargs, tracker)
+    return guide_deps, model_deps
+
+
+@contextlib.contextmanager
+def outside_jit_trace() -> Iterator[None]:
+    """
+    Suspend a JIT trace in progress: the analysis, and the handlers made for it
+    (a vectorised-particle plate, whose sizes would otherwise be traced
+    tensors), are never part of a compiled graph.
+    """
+    tracing_state = torch._C._get_tracing_state()
+    torch._C._set_tracing_state(None)
+    try:
+        yield
     finally:
         torch._C._set_tracing_state(tracing_state)
-    return guide_deps, model_deps
 
 
 @contextlib.contextmanager

@@ -66,7 +66,12 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
 from pyro.util import warn_if_nan
 
-from .dependencies import ProgramDependencies, analyse_dependencies, is_subsample_site
+from .dependencies import (
+    ProgramDependencies,
+    analyse_dependencies,
+    is_subsample_site,
+    outside_jit_trace,
+)
 from .kl import KLRule, compute_kl
 from .plan import (
     Plan,
@@ -581,20 +586,21 @@ class TraceEnumMarkovKL_ELBO(TraceEnum_ELBO):
         guide_trace: Trace,
         subsample_sites: Mapping[str, dict],
     ) -> EnumPlan:
-        if self.vectorize_particles:
-            model = self._vectorized_num_particles(model)
-            guide = self._vectorized_num_particles(guide)
         # the same enumeration as TraceEnum_ELBO._get_traces, on a private copy of the
         # guide trace (replay shares the guide's infer dicts with the model)
-        guide = EnumMessenger(first_available_dim=-1 - self.max_plate_nesting)(guide)
-        model = EnumMessenger()(model)
         replay_trace = Trace()
         for name, site in subsample_sites.items():  # the guide's subsamples of this trace
             replay_trace.add_node(name, **site)
         for name, site in guide_trace.nodes.items():
             if site["type"] == "sample":
                 replay_trace.add_node(name, **dict(site, infer=dict(site["infer"])))
-        guide_deps, model_deps = analyse_dependencies(model, guide, replay_trace, args, kwargs)
+        with outside_jit_trace():  # handlers of its own, made outside any JIT trace
+            if self.vectorize_particles:
+                model = self._vectorized_num_particles(model)
+                guide = self._vectorized_num_particles(guide)
+            guide = EnumMessenger(first_available_dim=-1 - self.max_plate_nesting)(guide)
+            model = EnumMessenger()(model)
+            guide_deps, model_deps = analyse_dependencies(model, guide, replay_trace, args, kwargs)
         return build_enum_plan(model_trace, guide_trace, guide_deps, model_deps, self.kl_rules)
 
     def explain(self, model: Callable, guide: Callable, *args, **kwargs) -> EnumPlan:

@@ -17,7 +17,7 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape, warn_if_nan
 
-from .dependencies import analyse_dependencies
+from .dependencies import analyse_dependencies, outside_jit_trace
 from .guide_messenger import guide_messenger_traces, is_guide_messenger
 from .plan import Plan, SiteRecord, build_plan, check_model_guide_sites
 from .plan_cache import PlanCache
@@ -158,6 +158,7 @@ class TraceMarkovKL_ELBO(ELBO):
             self.leave_one_out_baseline,
             tuple(self.kl_rules.items()),
         )
+        build = functools.partial(self._build_plan, model, guide, args, kwargs)
         if self.vectorize_particles:
             if self.max_plate_nesting == float("inf"):
                 self._guess_max_plate_nesting(model, guide, args, kwargs)
@@ -174,9 +175,7 @@ class TraceMarkovKL_ELBO(ELBO):
                 kwargs,
                 model_trace,
                 guide_trace,
-                functools.partial(
-                    self._build_plan, model, guide, args, kwargs, model_trace, guide_trace
-                ),
+                functools.partial(build, model_trace, guide_trace),
             )
             model_trace = prune_subsample_sites(model_trace)
             guide_trace = prune_subsample_sites(guide_trace)
@@ -198,7 +197,11 @@ class TraceMarkovKL_ELBO(ELBO):
         # Sampled values that reach Python (.item(), bool(), an assert) make every later site
         # depend on every earlier one (ProgramDependencies.unknown), with vectorize_particles=True
         # too: the particles are one trace, so they cannot differ in structure.
-        guide_deps, model_deps = analyse_dependencies(model, guide, guide_trace, args, kwargs)
+        with outside_jit_trace():
+            if self.vectorize_particles:  # a plate of its own, made outside any JIT trace
+                model = self._vectorized_num_particles(model)
+                guide = self._vectorized_num_particles(guide)
+            guide_deps, model_deps = analyse_dependencies(model, guide, guide_trace, args, kwargs)
         plan = build_plan(
             prune_subsample_sites(model_trace),
             prune_subsample_sites(guide_trace),

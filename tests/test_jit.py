@@ -3,6 +3,8 @@
 
 """JitTraceMarkovKL_ELBO: compiled once per structure, same estimator as the eager class."""
 
+import math
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -129,3 +131,23 @@ def test_no_tracer_warnings_from_the_estimator():
         warnings.filterwarnings("ignore", "torch.tensor results are registered as constants")
         loss = elbo.loss_and_grads(model, guide, data)
     assert torch.isfinite(torch.tensor(loss))
+
+
+def test_vectorized_particles_with_a_funsor_autoguide():
+    """
+    The analysis makes its own vectorised-particle plate outside the JIT trace:
+    reusing the one made while tracing gave funsor a traced plate size
+    (``ValueError: invalid dtype`` in Pyro's test_autoguide.py::test_median).
+    """
+    from pyro.infer.autoguide import AutoGaussian
+
+    def model():
+        a = pyro.sample("a", dist.Normal(0.0, 1.0))
+        pyro.sample("b", dist.Normal(a, 1.0), obs=torch.tensor(0.5))
+
+    pyro.clear_param_store()
+    guide = AutoGaussian(model, backend="funsor")
+    elbo = JitTraceMarkovKL_ELBO(num_particles=20, vectorize_particles=True, max_plate_nesting=0)
+    svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), elbo)
+    for _ in range(3):
+        assert math.isfinite(svi.step())
