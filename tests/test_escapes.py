@@ -21,6 +21,10 @@ from pyro.infer import Trace_ELBO
 
 from pyro_markov_kl import TraceMarkovKL_ELBO
 
+# backward guides are part of these tests: TraceMarkovKL_ELBO's GuideOrderWarning (issue 13) is
+# expected there
+pytestmark = pytest.mark.filterwarnings("ignore:Failed to verify mean field restriction")
+
 N_SE = 5.0
 
 

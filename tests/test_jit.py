@@ -147,7 +147,12 @@ def test_vectorized_particles_with_a_funsor_autoguide():
 
     pyro.clear_param_store()
     guide = AutoGaussian(model, backend="funsor")
-    elbo = JitTraceMarkovKL_ELBO(num_particles=20, vectorize_particles=True, max_plate_nesting=0)
+    elbo = JitTraceMarkovKL_ELBO(
+        num_particles=20,
+        vectorize_particles=True,
+        max_plate_nesting=0,
+        ignore_jit_warnings=True,  # funsor's own tracer warnings, as in Pyro's test
+    )
     svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), elbo)
     for _ in range(3):
         assert math.isfinite(svi.step())

@@ -20,6 +20,10 @@ from torch import nn
 from pyro_markov_kl import TraceMarkovKL_ELBO
 from pyro_markov_kl.dependencies import no_side_effects
 
+# backward guides are part of these tests: TraceMarkovKL_ELBO's GuideOrderWarning (issue 13) is
+# expected there
+pytestmark = pytest.mark.filterwarnings("ignore:Failed to verify mean field restriction")
+
 DATA = torch.randn(8, 3, generator=torch.Generator().manual_seed(0))
 
 

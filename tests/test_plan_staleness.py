@@ -22,6 +22,10 @@ from torch.distributions.transforms import AffineTransform
 from pyro_markov_kl import TraceMarkovKL_ELBO
 from pyro_markov_kl.plan_cache import StalePlanWarning
 
+# backward guides are part of these tests: TraceMarkovKL_ELBO's GuideOrderWarning (issue 13) is
+# expected there
+pytestmark = pytest.mark.filterwarnings("ignore:Failed to verify mean field restriction")
+
 N_SE = 5.0
 KWARGS = dict(num_particles=5000, vectorize_particles=True, max_plate_nesting=0)
 
