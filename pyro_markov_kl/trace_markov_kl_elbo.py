@@ -465,12 +465,8 @@ class JitTraceMarkovKL_ELBO(TraceMarkovKL_ELBO):
         warn_if_nan(loss, "loss")
         return loss
 
-    def loss(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
-        with torch.no_grad():
-            loss, _ = self.loss_and_surrogate_loss(model, guide, *args, **kwargs)
-        loss = loss.item()
-        warn_if_nan(loss, "loss")
-        return loss
+    # loss() is TraceMarkovKL_ELBO's, eager, as JitTrace_ELBO's is Trace_ELBO's: it forms no
+    # score-function terms, so it updates no baseline in the param store
 
 
 __all__ = ["GuideOrderWarning", "JitTraceMarkovKL_ELBO", "TraceMarkovKL_ELBO"]

@@ -55,7 +55,7 @@ def test_gradients_match_eager_for_the_same_draw():
     data = torch.tensor([0.3, -0.2, 1.0])
     annealing = torch.tensor(1.0)
     jit_elbo = JitTraceMarkovKL_ELBO(ignore_jit_warnings=True)
-    jit_elbo.loss(model, guide, data, annealing)  # compile
+    jit_elbo.differentiable_loss(model, guide, data, annealing)  # compile
     params = [pyro.param("w").unconstrained(), pyro.param("b").unconstrained()]
     pyro.set_rng_seed(7)
     g_jit = torch.autograd.grad(jit_elbo.differentiable_loss(model, guide, data, annealing), params)
@@ -71,7 +71,7 @@ def test_gradients_match_eager_for_the_same_draw():
 def test_new_structure_gets_new_plan(T):
     pyro.clear_param_store()
     elbo = JitTraceMarkovKL_ELBO(ignore_jit_warnings=True)
-    loss = elbo.loss(model, guide, torch.zeros(T), torch.tensor(1.0))
+    loss = float(elbo.differentiable_loss(model, guide, torch.zeros(T), torch.tensor(1.0)))
     assert torch.isfinite(torch.tensor(loss))
     (plan,) = elbo._plans.values()
     assert set(plan.sites) == {f"z_{t}" for t in range(T)}
@@ -93,7 +93,9 @@ def test_new_sequence_length_compiles_a_new_graph():
     one = torch.tensor(1.0)
     for T in (3, 5, 3):
         data = torch.linspace(-1.0, 1.0, T)
-        jit_losses = torch.tensor([elbo.loss(model, guide_max8, data, one) for _ in range(200)])
+        jit_losses = torch.tensor(
+            [float(elbo.differentiable_loss(model, guide_max8, data, one)) for _ in range(200)]
+        )
         eager_losses = torch.tensor([eager.loss(model, guide_max8, data, one) for _ in range(200)])
         se = (jit_losses.var() / 200 + eager_losses.var() / 200).sqrt()
         assert (jit_losses.mean() - eager_losses.mean()).abs() < 5 * se, T
@@ -156,3 +158,26 @@ def test_vectorized_particles_with_a_funsor_autoguide():
     svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), elbo)
     for _ in range(3):
         assert math.isfinite(svi.step())
+
+
+def test_loss_does_not_write_to_the_param_store():
+    """As JitTrace_ELBO, whose loss() is Trace_ELBO's: the JIT class's loss() is eager and
+    forms no score-function terms, so a decaying-average baseline is left alone."""
+
+    def model():
+        k = pyro.sample("k", dist.Bernoulli(0.3))
+        pyro.sample("x", dist.Normal(k, 1.0), obs=torch.tensor(0.5))
+
+    def guide():
+        p = pyro.param("p", torch.tensor(0.4))
+        pyro.sample(
+            "k",
+            dist.Bernoulli(logits=p),
+            infer={"baseline": {"use_decaying_avg_baseline": True}},
+        )
+
+    pyro.clear_param_store()
+    elbo = JitTraceMarkovKL_ELBO(max_plate_nesting=0)
+    for _ in range(3):
+        elbo.loss(model, guide)
+    assert set(pyro.get_param_store().keys()) == {"p"}
