@@ -71,7 +71,7 @@ def test_gradients_match_eager_for_the_same_draw():
 def test_new_structure_gets_new_plan(T):
     pyro.clear_param_store()
     elbo = JitTraceMarkovKL_ELBO(ignore_jit_warnings=True)
-    loss = float(elbo.differentiable_loss(model, guide, torch.zeros(T), torch.tensor(1.0)))
+    loss = elbo.differentiable_loss(model, guide, torch.zeros(T), torch.tensor(1.0)).item()
     assert torch.isfinite(torch.tensor(loss))
     (plan,) = elbo._plans.values()
     assert set(plan.sites) == {f"z_{t}" for t in range(T)}
@@ -94,7 +94,7 @@ def test_new_sequence_length_compiles_a_new_graph():
     for T in (3, 5, 3):
         data = torch.linspace(-1.0, 1.0, T)
         jit_losses = torch.tensor(
-            [float(elbo.differentiable_loss(model, guide_max8, data, one)) for _ in range(200)]
+            [elbo.differentiable_loss(model, guide_max8, data, one).item() for _ in range(200)]
         )
         eager_losses = torch.tensor([eager.loss(model, guide_max8, data, one) for _ in range(200)])
         se = (jit_losses.var() / 200 + eager_losses.var() / 200).sqrt()
