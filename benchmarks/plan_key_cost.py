@@ -11,7 +11,7 @@ pair for ``TransformedDistribution`` transforms to compare), the non-tensor argu
 side by side in one run (interleaved, medians), a whole training step of
 ``TraceMarkovKL_ELBO`` (plan cached) and each part of the key on the traces of that step, and
 prints their share of the step, and the cost of one fresh analysis, which the cache's checks of
-a cached plan (at a plan's uses 2, 8, 32, 128 and every 256 after) spend. The checks added
+a cached plan (at a plan's uses 2, 16, 128 and every 256 after) spend. The checks added
 against stale plans are the argument key, the settings, the transform walk and those fresh
 analyses; the issue's budget is 2% of a step.
 

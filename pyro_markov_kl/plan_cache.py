@@ -87,7 +87,7 @@ _MAX_FIELDS = 64
 
 #: the uses of a cached plan at which it is checked against a fresh analysis, and the period
 #: after the last of them
-CHECK_AT = (2, 8, 32, 128)
+CHECK_AT = (2, 16, 128)
 CHECK_EVERY = 256
 
 
@@ -127,7 +127,7 @@ class PlanCache(OrderedDict):
 
     What a key cannot see (a float argument used as a switch, global state, a
     data value in Python control flow) is caught by checks: at a plan's uses
-    ``CHECK_AT`` (2, 8, 32, 128) and every ``CHECK_EVERY`` (256) after, the step
+    ``CHECK_AT`` (2, 16, 128) and every ``CHECK_EVERY`` (256) after, the step
     is analysed afresh and the decisions compared (:meth:`_check`). A
     difference means the plan was stale since the last check; it is replaced,
     the model and guide are analysed every step from then on, and a

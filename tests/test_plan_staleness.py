@@ -208,7 +208,7 @@ def test_switch_outside_the_key_is_detected(kind):
 
 
 def test_stable_program_is_not_reported():
-    """The checks at uses 2, 8, 32, 128 of a plan find nothing on a program that does not
+    """The checks at uses 2, 16, 128 of a plan find nothing on a program that does not
     change, and the plan stays cached."""
     fresh_params(a=0.5)
     elbo = TraceMarkovKL_ELBO()
