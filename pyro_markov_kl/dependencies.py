@@ -168,35 +168,36 @@ def analyse_dependencies(
 ) -> Tuple[ProgramDependencies, ProgramDependencies]:
     """
     Run the guide, then the model, replayed on the values of ``guide_trace``
-    under dependency tracking. For a
+    under dependency tracking, in :func:`isolated_analysis`. (A
     :class:`~pyro.poutine.guide.GuideMessenger` guide, which runs the model
-    itself, one run of the guide is analysed instead
-    (:func:`~pyro_markov_kl.guide_messenger.analyse_guide_messenger`).
-
-    The runs are hidden from enclosing handlers, run with validation off (its
-    checks read values into Python but cannot change the result) and without
-    autograd, outside any JIT trace, and leave no trace of themselves
-    (:func:`no_side_effects`: random number generators, module buffers such
-    as BatchNorm's running statistics, the param store), so that analysing a
-    step changes nothing about the step.
+    itself, is analysed by
+    :func:`~pyro_markov_kl.guide_messenger.analyse_guide_messenger` instead.)
 
     :param guide_trace: a trace of ``guide`` (with its subsample sites)
     :returns: the guide's and the model's dependencies
     """
-    from .guide_messenger import analyse_guide_messenger, is_guide_messenger
-
-    # without autograd: dependencies are found at the dispatcher, below autograd, so the
-    # result is the same, and no graph is kept alive
-    with outside_jit_trace():
-        with no_side_effects(), pyro.validation_enabled(False), torch.no_grad():
-            if is_guide_messenger(guide):
-                return analyse_guide_messenger(guide, guide_trace, args, kwargs)
-            # one tracker for both runs: a tensor the guide computes from its samples and
-            # leaves where the model reads it (state of a shared module, say) carries them
-            tracker = DependencyTracker()
-            guide_deps = _run_tracked(guide, guide_trace, args, kwargs, tracker)
-            model_deps = _run_tracked(model, guide_trace, args, kwargs, tracker)
+    with isolated_analysis():
+        # one tracker for both runs: a tensor the guide computes from its samples and
+        # leaves where the model reads it (state of a shared module, say) carries them
+        tracker = DependencyTracker()
+        guide_deps = _run_tracked(guide, guide_trace, args, kwargs, tracker)
+        model_deps = _run_tracked(model, guide_trace, args, kwargs, tracker)
     return guide_deps, model_deps
+
+
+@contextlib.contextmanager
+def isolated_analysis() -> Iterator[None]:
+    """
+    The conditions of a dependency analysis: outside any JIT trace, with
+    Pyro's validation off (its checks read values into Python but cannot
+    change the result), without autograd (dependencies are found at the
+    dispatcher, below autograd, so the result is the same, and no graph is
+    kept alive), and leaving no trace of itself (:func:`no_side_effects`), so
+    that analysing a step changes nothing about the step.
+    """
+    with outside_jit_trace(), no_side_effects(), pyro.validation_enabled(False):
+        with torch.no_grad():
+            yield
 
 
 @contextlib.contextmanager

@@ -29,7 +29,12 @@ from pyro import poutine
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
 
-from .dependencies import DependencyMessenger, ProgramDependencies, is_subsample_site
+from .dependencies import (
+    DependencyMessenger,
+    ProgramDependencies,
+    is_subsample_site,
+    isolated_analysis,
+)
 from .provenance import DependencyTracker
 
 __all__ = ["analyse_guide_messenger", "guide_messenger_traces", "is_guide_messenger"]
@@ -127,9 +132,8 @@ def analyse_guide_messenger(
     Run a GuideMessenger guide once, replayed on the values of
     ``guide_trace``, under two dependency trackers: one for the guide's
     distributions (the posteriors), one for the model's (the priors and the
-    observed sites). The guide's ``trace`` attribute is left as it was. The
-    caller provides the isolation of
-    :func:`~pyro_markov_kl.dependencies.analyse_dependencies`.
+    observed sites), in :func:`~pyro_markov_kl.dependencies.isolated_analysis`.
+    The guide's ``trace`` attribute is left as it was.
 
     :returns: the guide's and the model's dependencies
     """
@@ -138,7 +142,7 @@ def analyse_guide_messenger(
     guide_side = DependencyMessenger(DependencyTracker())
     model_side = _PriorDependencyMessenger(DependencyTracker())
     try:
-        with poutine.block(), guide_side.tracker, model_side.tracker:
+        with isolated_analysis(), poutine.block(), guide_side.tracker, model_side.tracker:
             with guide_side, model_side, _ReplayValues(guide_trace):
                 guide(*args, **kwargs)
     finally:

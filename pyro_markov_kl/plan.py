@@ -440,7 +440,7 @@ def build_plan(
         if not is_model_latent(name, guide_site, model_sites):
             model_site = model_sites.get(name)
             records[name] = auxiliary_record(
-                name, guide_site, model_site, guide_deps, model_deps, latents, descendants
+                name, guide_site, model_site, guide_deps, model_parents, latents, descendants
             )
 
     plates = site_plates(model_sites, guide_sites)
@@ -461,7 +461,7 @@ def auxiliary_record(
     guide_site: Mapping,
     model_site: Optional[Mapping],
     guide_deps: ProgramDependencies,
-    model_deps: ProgramDependencies,
+    model_parents: Mapping[str, frozenset],
     latents: frozenset,
     descendants: Mapping[str, frozenset],
 ) -> SiteRecord:
@@ -481,16 +481,16 @@ def auxiliary_record(
     reparameterized = is_reparameterized(guide_site)
     if model_site is not None:
         what += ": contributes log p - log q at the observed value"
-        model_parents = model_deps.latent_parents(latents).get(name, frozenset())
+        parents = model_parents.get(name, frozenset())
     else:
         what += ": contributes -log q"
-        model_parents = frozenset()
+        parents = frozenset()
     return SiteRecord(
         name=name,
         estimator="mc",
         reason=what,
         guide_parents=guide_deps.parents[name] & latents,
-        model_parents=model_parents,
+        model_parents=parents,
         guide_descendants=descendants[name],
         reparameterized=reparameterized,
         auxiliary=True,

@@ -205,9 +205,9 @@ class PlanCache(OrderedDict):
         the last check may have used the stale plan.
         """
         self[key] = fresh
-        if _decisions(fresh) == _decisions(plan):
+        (old, old_groups), (new, new_groups) = _decisions(plan), _decisions(fresh)
+        if old == new and old_groups == new_groups:
             return fresh
-        old, new = _decisions(plan)[0], _decisions(fresh)[0]
         changed = sorted(n for n in set(old) | set(new) if old.get(n) != new.get(n))
         self._volatile.add(owner)
         last = max([c for c in self.check_at if c < uses] + [uses - self.check_every, 1])

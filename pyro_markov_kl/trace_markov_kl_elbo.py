@@ -18,7 +18,7 @@ from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape, warn_if_nan
 
 from .dependencies import analyse_dependencies, outside_jit_trace
-from .guide_messenger import guide_messenger_traces, is_guide_messenger
+from .guide_messenger import analyse_guide_messenger, guide_messenger_traces, is_guide_messenger
 from .plan import Plan, SiteRecord, build_plan, check_model_guide_sites
 from .plan_cache import PlanCache
 from .score_function import score_function_terms
@@ -201,7 +201,12 @@ class TraceMarkovKL_ELBO(ELBO):
             if self.vectorize_particles:  # a plate of its own, made outside any JIT trace
                 model = self._vectorized_num_particles(model)
                 guide = self._vectorized_num_particles(guide)
-            guide_deps, model_deps = analyse_dependencies(model, guide, guide_trace, args, kwargs)
+            if is_guide_messenger(guide):  # it runs the model itself
+                guide_deps, model_deps = analyse_guide_messenger(guide, guide_trace, args, kwargs)
+            else:
+                guide_deps, model_deps = analyse_dependencies(
+                    model, guide, guide_trace, args, kwargs
+                )
         plan = build_plan(
             prune_subsample_sites(model_trace),
             prune_subsample_sites(guide_trace),
