@@ -102,6 +102,7 @@ def test_escape_is_seen(channel):
 
 
 def test_numpy_method_is_an_escape():
+    fresh_params(m=1.0, b=0.5)
     plan = TraceMarkovKL_ELBO().explain(model, make_guide(through_numpy_method))
     assert plan.sites["z"].estimator == "mc", plan
     assert "reached Python" in plan.sites["u"].reason or plan.guide.unknown
@@ -114,6 +115,7 @@ def test_worker_thread_is_not_seen():
     tracked, and the dependency it carries is lost. If this test fails, the
     tracker has learnt to see threads: update the docs.
     """
+    fresh_params(m=1.0, b=0.5)
     plan = TraceMarkovKL_ELBO().explain(model, make_guide(in_a_thread))
     assert "z" not in plan.sites["u"].guide_parents
     assert plan.sites["z"].estimator == "analytic"

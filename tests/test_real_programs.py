@@ -246,6 +246,9 @@ def test_float_mask_constant_along_the_event_is_folded(mvn):
         assert losses[0] == losses[1] == pytest.approx(exact, rel=1e-6)
 
 
+# the varying mask changes the site's decision under the same plan key: the plan cache's
+# check may say so (StalePlanWarning), which Pyro's test configuration makes an error
+@pytest.mark.filterwarnings("ignore:the dependency structure changed between steps")
 def test_mask_that_varies_inside_the_event_later_falls_back_to_monte_carlo():
     pyro.clear_param_store()
     varying = torch.tensor([[1.0, 0.0, 1.0]]).expand(B, D).contiguous()
