@@ -38,6 +38,7 @@ import email.utils
 import importlib.metadata
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -85,8 +86,8 @@ class PatchSpec:
         need a later patch are added by that patch)
     :ivar pyro_test_edits: Pyro test file -> {Pyro class: our class}: our class is added
         after the Pyro class in every ``pytest.mark.parametrize`` list of the file
-    :ivar pyro_tests: further Pyro tests this patch touches, run by ``--check``
-        (``path`` or ``path::test``)
+    :ivar pyro_tests: further Pyro tests this patch touches, run by ``--check``: pytest
+        arguments, e.g. ``"tests/distributions/test_kl.py"`` or ``"path -k expression"``
     """
 
     slug: str
@@ -219,6 +220,8 @@ LEFT_OUT_TESTS = {
     "test_property": "needs hypothesis, which is not one of Pyro's test dependencies",
     "test_property_discrete": "needs hypothesis, which is not one of Pyro's test dependencies",
 }
+#: Single tests left out, with the reason: ``<our test module>::<test>`` -> why.
+LEFT_OUT_TEST_FUNCTIONS: Dict[str, str] = {}
 #: Modules that no patch provides: a test that imports one is left out (and listed).
 NEVER_AVAILABLE = (
     "pyro_markov_kl.examples",
@@ -273,9 +276,6 @@ TEXT_REWRITES = (
         r"\bpyro_markov_kl\.(JitTraceEnumMarkovKL_ELBO|TraceEnumMarkovKL_ELBO)\b",
         r"pyro.infer.trace_enum_markov_kl_elbo.\1",
     ),
-    (r"\bpyro_markov_kl\.trace_markov_kl_elbo\b", "pyro.infer.trace_markov_kl_elbo"),
-    (r"\bpyro_markov_kl\.trace_enum_markov_kl_elbo\b", "pyro.infer.trace_enum_markov_kl_elbo"),
-    (r"\bpyro_markov_kl\.provenance\b", "pyro.ops.dispatch_provenance"),
     (r"\bpyro_markov_kl\b", SUBPACKAGE),
     (r"\btests/lg\.py\b", TEST_HELPERS["lg"]),
     (r"`lg\.", "`tests.infer.markov_kl.linear_gaussian."),
@@ -492,7 +492,12 @@ def rewrite_imports(text: str, package: Optional[str], state: TreeState, what: s
 
 
 def rewrite_text(text: str) -> str:
-    """Apply :data:`TEXT_REWRITES`."""
+    """
+    Rename what the import rewriting cannot see (strings, docstrings, comments):
+    ``pyro_markov_kl.<module>`` to the module's place in Pyro, then :data:`TEXT_REWRITES`.
+    """
+    for ours in sorted(PLACEMENTS, key=len, reverse=True):
+        text = re.sub(rf"\bpyro_markov_kl\.{ours}\b", PLACEMENTS[ours].module, text)
     for pattern, replacement in TEXT_REWRITES:
         text = re.sub(pattern, replacement, text)
     return text
@@ -713,13 +718,15 @@ def filter_test_source(source: str, state: TreeState, what: str) -> Tuple[str, D
                 return state.locate(module, name)[1]
         return None
 
+    stem = Path(what).stem
     changed = True
     while changed:
         changed = False
         for node in tree.body:
             if id(node) in handled:
                 continue
-            why = needs(node)
+            name = getattr(node, "name", "")
+            why = LEFT_OUT_TEST_FUNCTIONS.get(f"{stem}::{name}") or needs(node)
             if why is None:
                 continue
             if not isinstance(
@@ -1570,34 +1577,40 @@ class CheckResult:
 
 
 def test_runs(patch: Patch, quick: bool) -> List[Tuple[str, List[str]]]:
-    """The pytest runs of one patch: (label, arguments)."""
-    runs = []
-    own: List[str] = []
+    """
+    The pytest runs of one patch, as (label, arguments): one run of the tests it adds
+    (files it adds whole, single tests it adds to a file of an earlier patch) and of our
+    classes' cases in the Pyro test files it edits (``-k``); one run per entry of the
+    table's ``pyro_tests``.
+    """
+    targets: List[str] = []
     for path, tests in patch.tests_added.items():
         stem = next(s for s, (_, p) in TEST_FILES.items() if p == path)
         if quick and stem in QUICK_SKIP_FILES:
             continue
         if TEST_FILES[stem][0] == patch.number:
-            own.append(path)
+            targets.append(path)
         else:
-            own += [f"{path}::{t}" for t in tests]
-    if own:
-        args = list(own)
+            targets += [f"{path}::{t}" for t in tests]
+    # -k keywords that select our test files whole (a file's directory or name) and our
+    # classes' cases in Pyro's test files
+    ours = {
+        "markov_kl" if t.startswith(TESTS_SUBDIR + "/") else Path(t.split("::")[0]).stem
+        for t in targets
+    }
+    classes = sorted({c for beside in patch.spec.pyro_test_edits.values() for c in beside.values()})
+    targets += list(patch.spec.pyro_test_edits)
+    runs = []
+    if targets:
+        select = " or ".join([*sorted(ours), *classes])
         if quick:
-            args += ["-k", " and ".join(f"not {t}" for t in QUICK_SKIP_TESTS)]
-        runs.append(("ours", args))
-    for path, beside in patch.spec.pyro_test_edits.items():
-        runs.append((Path(path).name, [path, "-k", " or ".join(sorted(set(beside.values())))]))
+            select = f"({select}) and " + " and ".join(f"not {t}" for t in QUICK_SKIP_TESTS)
+        runs.append(("tests", [*targets, "-k", select]))
     for target in patch.spec.pyro_tests:
-        runs.append((Path(target.split("::")[0]).name, [target]))
-    for args in (a for _, a in runs):
-        for test_id, why in KNOWN_FAILURES.items():
-            if any(
-                test_id.startswith(a.split("::")[0]) for a in args if a.endswith(".py") or "::" in a
-            ):
-                args.append(f"--deselect={test_id}")
-                log(f"deselected known failure {test_id}: {why}")
-    return runs
+        args = shlex.split(target)
+        runs.append((Path(args[0].split("::")[0]).name, args))
+    deselect = [f"--deselect={test_id}" for test_id in KNOWN_FAILURES]
+    return [(label, [*args, *deselect]) for label, args in runs]
 
 
 def check_patch(
