@@ -118,25 +118,90 @@ JIT_ELBO_EDITS = {**ELBO_EDITS, "JitTraceMeanField_ELBO": "JitTraceMarkovKL_ELBO
 
 SERIES: Tuple[PatchSpec, ...] = (
     PatchSpec(
-        slug="markov-kl-kl-rules",
-        title="Add per-site KL rules for pyro.infer.markov_kl",
-        modules=_sub("kl", "kl_pairs", "kl_funsor", "batched_kl"),
-        tests=_tests("test_kl", "test_batched_kl"),
+        slug="kl-pairs",
+        title="Register closed-form KL divergences for Gaussian, Independent, "
+        "transformed and expanded pairs",
+        modules=_sub("kl", "kl_pairs", "kl_funsor"),
+        tests=_tests("test_kl"),
+        pyro_tests=("tests/distributions/test_kl.py",),
         description="""\
-KL rules: closed-form KL divergences between a guide's and a model's distribution at
-one site, found by type pair, with reasons when none applies.""",
+What: closed-form KL divergences for pairs of distributions that torch and Pyro
+do not cover, or cover only in part: Independent(Normal) against
+MultivariateNormal and LowRankMultivariateNormal (and back),
+LowRankMultivariateNormal against MultivariateNormal, Independent against
+Independent with different reinterpreted_batch_ndims, TransformedDistribution
+pairs with the same transforms, and ExpandedDistribution pairs. Composite rules
+compute the KL of their parts with kl_divergence, so that a rule registered for
+the parts applies inside the wrappers.
+
+Why: TraceMarkovKL_ELBO (patch 4) uses the analytic KL of a site wherever one is
+available and unbiased; these pairs are those of autoguides (AutoNormal is an
+Independent(Normal)) against structured priors, and of the wrappers Pyro's
+plates and transforms put around distributions.
+
+How tested: every closed form against a Monte Carlo estimate of
+E_q[log q - log p] (within 5 standard errors) and against autograd gradients;
+Pyro's tests/distributions/test_kl.py still passes.
+
+What follows: dispatch-level provenance (patch 2), the per-site KL lookup
+(patch 3), TraceMarkovKL_ELBO (patch 4).""",
     ),
     PatchSpec(
         slug="dispatch-provenance",
-        title="Add dispatch-level provenance tracking to pyro.ops",
+        title="Add dispatch-level provenance tracking: pyro.ops.dispatch_provenance",
         modules={"provenance": "pyro/ops/dispatch_provenance.py"},
         tests=_tests("test_dependencies"),
         description="""\
-A TorchDispatchMode that records which sampled tensors every tensor was computed from.""",
+What: pyro/ops/dispatch_provenance.py. DependencyTracker is a TorchDispatchMode
+that records, for every tensor computed while it is active, which tagged tensors
+(sampled values) its value may depend on. It works at the level of ATen
+operators, so it sees every operation whatever Python or C++ code issued it
+(nn.GRU and packed sequences, einsum, gather, torch.where and comparisons,
+.detach() and torch.no_grad regions alike); a write into an argument (copy_,
+index_put_, buf[:, t] = z, out=) taints the written storage; a value that leaves
+the tensor world (.item(), .numpy(), bool()) is recorded as an escape.
+reachable_tensors(obj) lists the tensors reachable from a Python object
+(closures, partials, modules), for the parameters a callable captures.
+
+Why a new module rather than pyro/ops/provenance.py: pyro.ops.provenance
+tracks provenance with a tensor subclass (ProvenanceTensor, through
+__torch_function__) that the program must carry, and which in-place writes into
+plain buffers, .data and detach() lose; it is imported by pyro.nn.module, so by
+every `import pyro`. The dispatch-level tracker watches an unmodified program,
+needs torch's private dispatch-mode API (torch.utils._python_dispatch), and is
+imported only by the ELBO that uses it (patch 4). Keeping the two apart keeps
+that API out of `import pyro` and leaves the choice between them, for
+pyro.infer.inspect.get_dependencies too, to a later change.
+
+How tested: tests/infer/markov_kl/test_dependencies.py: sixteen kinds of data
+flow are tracked, value-independent factories (zeros_like, ...) carry no
+dependency, escapes are recorded, closures and partials are reachable. The
+tests of that file that go through the ELBO follow in patch 4.
+
+What follows: TraceMarkovKL_ELBO's dependency analysis (patch 4) runs the model
+and the guide under the tracker.""",
+    ),
+    PatchSpec(
+        slug="markov-kl-kl-lookup",
+        title="Add the per-site KL lookup of pyro.infer.markov_kl",
+        modules=_sub("batched_kl"),
+        tests=_tests("test_batched_kl"),
+        description="""\
+What: pyro/infer/markov_kl/batched_kl.py: the distributions of sites with the
+same structure (the time steps of a Markov chain) are stacked so that one KL
+call serves all of them.
+
+Why: TraceMarkovKL_ELBO (patch 4) computes one KL per latent site; a Deep
+Markov Model has one site per time step.
+
+How tested: tests/infer/markov_kl/test_batched_kl.py: the stacked KL equals
+the per-site KLs. Its tests that go through the ELBO follow in patch 4.
+
+What follows: TraceMarkovKL_ELBO (patch 4).""",
     ),
     PatchSpec(
         slug="trace-markov-kl-elbo",
-        title="Add TraceMarkovKL_ELBO: per-site analytic KL where unbiased",
+        title="Add TraceMarkovKL_ELBO: the analytic KL of each site where it is unbiased",
         modules={
             **_sub(
                 "dependencies",
@@ -160,16 +225,11 @@ A TorchDispatchMode that records which sampled tensors every tensor was computed
                 "test_bad_input",
                 "test_jit",
                 "test_score_function",
-                "test_closed_form",
                 "test_baselines",
-                "test_property_plates",
-                "test_drop_in",
-                "test_escapes",
                 "test_guide_messenger",
+                "test_escapes",
                 "test_no_side_effects",
                 "test_plan_staleness",
-                "test_recorded_values",
-                "test_property_recorded",
             ),
         },
         pyro_test_edits={
@@ -178,11 +238,88 @@ A TorchDispatchMode that records which sampled tensors every tensor was computed
             "tests/infer/test_jit.py": JIT_ELBO_EDITS,
         },
         description="""\
-TraceMarkovKL_ELBO and its JIT twin.""",
+What: TraceMarkovKL_ELBO and JitTraceMarkovKL_ELBO, exported by pyro.infer,
+with the same constructor arguments as Trace_ELBO. Like Trace_ELBO it estimates
+the ELBO from samples of the guide; for every latent site s it replaces the
+Monte Carlo term log p(z_s | ...) - log q(z_s | ...) by -KL(q_s || p_s),
+conditioned on the sampled parents, wherever that is unbiased: when no model
+parent of s is a guide descendant of s. (If one were, the model's distribution
+at s would depend on z_s through it, and the KL would not be the expectation of
+the Monte Carlo term.) Elsewhere it is Trace_ELBO. TraceMeanField_ELBO uses the
+KL at every site, which is biased for guides that are not mean field, and
+Trace_ELBO never uses it.
+
+Which sampled values flow into which distribution is found by running the
+model and the guide under the tracker of patch 2, once per model/guide
+structure: the per-site decisions (the plan) are cached on a key of the sites,
+shapes and non-tensor arguments, and the cache re-analyses at a few uses to
+catch structure the key cannot see. Also:
+
+* infer={"kl": "auto" | "mc" | "analytic"} per site; "analytic" is refused
+  where it would be biased;
+* explain(model, guide, *args) returns the plan: for each site its estimator,
+  guide and model parents, and the reason;
+* non-reparameterized sites get TraceGraph_ELBO's score-function terms, with
+  costs that follow the dependencies across plates, and a leave-one-out baseline
+  (the mean cost of the other elements of the site's plates) where that is
+  unbiased, unless the site has its own infer={"baseline": ...};
+* guides that are GuideMessengers (AutoNormalMessenger, ...) are analysed too.
+
+Why: in state-space models and the Deep Markov Model, the per-step KL removes
+most of the variance of the ELBO and its gradient while staying unbiased for
+guides that are not mean field (e.g. a guide that runs backward in time, where
+TraceMeanField_ELBO is biased).
+
+Why the score-function support is in this patch: the plan decides per site
+between the analytic KL, the Monte Carlo term and the score-function terms, and
+builds the downstream costs and baselines of the non-reparameterized sites as
+part of the same pass; and the Pyro tests this patch extends run every ELBO of
+their lists on non-reparameterized sites (test_gradient.py's
+test_subsample_gradient with fakes.NonreparameterizedNormal, the discrete sites
+of test_valid_models.py), so an ELBO without it could not join them.
+
+How tested: TraceMarkovKL_ELBO (and its JIT twin where Pyro lists
+JitTraceMeanField_ELBO) joins TraceMeanField_ELBO in the ELBO parametrizations
+of tests/infer/test_gradient.py, test_valid_models.py and test_jit.py. New
+tests: the tests listed below; the statistical and reference tests follow in
+patch 5.
+
+What follows: reference tests (patch 5); TraceEnumMarkovKL_ELBO (patch 6).""",
+    ),
+    PatchSpec(
+        slug="trace-markov-kl-elbo-reference-tests",
+        title="Test TraceMarkovKL_ELBO against exact ELBOs, recorded values and Trace_ELBO",
+        tests=_tests(
+            "test_closed_form",
+            "test_recorded_values",
+            "test_property_recorded",
+            "test_property_plates",
+            "test_drop_in",
+        ),
+        description="""\
+What: tests only. test_closed_form.py compares the loss and gradients of
+TraceMarkovKL_ELBO with the exact ELBO of linear-Gaussian state-space models
+(linear_gaussian.py computes it in closed form), for forward and backward
+guides, scales and masks; test_recorded_values.py and test_property_recorded.py
+check losses and plans against values recorded from reference programs
+(recorded.py); test_property_plates.py checks unbiasedness against a plate-free
+Trace_ELBO over generated plate structures; test_drop_in.py checks that the
+class behaves as Trace_ELBO where Trace_ELBO's behaviour is the contract
+(factors, deterministic sites, observed guide sites, warnings, shape errors,
+autoguides).
+
+Why separate: patch 4 is large; these tests add confidence in its estimator
+without adding code, and can be reviewed (or moved to the integration stage)
+on their own.
+
+How tested: they pass on patch 4. test_closed_form.py takes tens of seconds.
+
+What follows: TraceEnumMarkovKL_ELBO (patch 6).""",
     ),
     PatchSpec(
         slug="trace-enum-markov-kl-elbo",
-        title="Add TraceEnumMarkovKL_ELBO: enumeration with per-site analytic KL",
+        title="Add TraceEnumMarkovKL_ELBO: TraceEnum_ELBO with the analytic KL of each "
+        "site where it is unbiased",
         modules={"trace_enum_markov_kl_elbo": "pyro/infer/trace_enum_markov_kl_elbo.py"},
         exports={
             "JitTraceEnumMarkovKL_ELBO": "JitTraceGraph_ELBO",
@@ -191,7 +328,28 @@ TraceMarkovKL_ELBO and its JIT twin.""",
         docs=("pyro.infer.trace_enum_markov_kl_elbo",),
         tests=_tests("test_enum", "test_jit_enum", "test_real_programs"),
         description="""\
-TraceEnumMarkovKL_ELBO and its JIT twin.""",
+What: TraceEnumMarkovKL_ELBO and JitTraceEnumMarkovKL_ELBO, exported by
+pyro.infer: TraceEnum_ELBO, with the analytic KL of TraceMarkovKL_ELBO
+substituted inside its own computation for every latent site sampled (not
+enumerated) in the guide whose model factor involves no site enumerated in the
+model and whose KL is unbiased by the rule of patch 4. The model site's packed
+log_prob becomes -f_p (KL + H) (or -f_p KL where the scales agree) and the
+guide site's -f_q H (or zero), with the site's own plate and enumeration
+dimensions; where q_s depends on a site enumerated in the guide, the KL carries
+that enumeration dimension and TraceEnum_ELBO's weighting makes its expectation
+exact. Everything else (the enumerated sums, the DiCE weights, plates,
+pyro.markov contraction, linear in the length of the chain) is TraceEnum_ELBO's.
+
+Why: models with discrete states and continuous dynamics (switching
+state-space models, HMMs with Gaussian emissions in the guide) combine
+enumeration with the per-step KL.
+
+How tested: tests/infer/markov_kl/test_enum.py against TraceEnum_ELBO and exact
+sums; test_jit_enum.py; test_real_programs.py (a DMM with masks and
+enumeration).
+
+What follows: nothing in this series; the class could join the
+parametrizations of Pyro's tests/infer/test_enum.py.""",
     ),
 )
 
@@ -574,72 +732,120 @@ def statement_span(node: ast.stmt) -> Tuple[int, int]:
     return first, node.end_lineno or node.lineno
 
 
+def imported_names(tree: ast.Module) -> Dict[str, Tuple[str, str]]:
+    """Names bound by a module's top-level imports -> (module, name)."""
+    result = {}
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom):
+            for a in node.names:
+                result[a.asname or a.name] = ("." * node.level + (node.module or ""), a.name)
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                result[(a.asname or a.name).split(".")[0]] = (a.name, "")
+    return result
+
+
 def move_into(target: str, module: str, target_module: str, comment: str, what: str) -> str:
     """
-    ``target`` (an existing Pyro module) with ``module`` (converted) appended: the
-    module's imports join the target's (ruff sorts and merges them later), its docstring
-    is dropped for ``comment``, imports from the target itself are dropped.
+    ``target`` (an existing Pyro module) with ``module`` (converted) appended, before a
+    final ``__all__``: the module's imports join the target's (ruff sorts and merges them
+    later; an imported name that the target imports from elsewhere gets an alias, e.g.
+    ``Distribution as TorchDistribution``, and the moved code uses it), imports from the
+    target itself and the module's docstring and ``__all__`` are dropped, ``comment``
+    heads the moved code, and a function of the target with the name of one of the
+    module's is removed (the module's replaces it).
     """
     tree = ast.parse(module)
-    lines = module.splitlines(keepends=True)
+    target_tree = ast.parse(target)
+    theirs = imported_names(target_tree)
     body = list(tree.body)
     if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
         body = body[1:]  # the module docstring
     future = False
     imports: List[str] = []
+    renames: Dict[str, str] = {}
     while body and isinstance(body[0], (ast.Import, ast.ImportFrom)):
         node = body.pop(0)
         if isinstance(node, ast.ImportFrom) and node.module == "__future__":
             future = True
-        elif not (isinstance(node, ast.ImportFrom) and node.module == target_module):
-            first, last = statement_span(node)
-            imports.append("".join(lines[first - 1 : last]))
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module == target_module:
+            continue
+        names = []
+        for bound, source in imported_names(ast.Module(body=[node], type_ignores=[])).items():
+            if bound in theirs and theirs[bound] != source:
+                if isinstance(node, ast.Import):
+                    raise UpstreamError(f"{what}: 'import {source[0]}' clashes with the target's")
+                renames[bound] = source[0].split(".")[0].capitalize() + source[1]
+                names.append(f"{source[1]} as {renames[bound]}")
+            else:
+                names.append(bound if source[1] == bound else f"{source[1]} as {bound}")
+        if isinstance(node, ast.ImportFrom):
+            imports.append(f"from {theirs_module(node)} import {', '.join(names)}\n")
+        else:
+            imports.append(ast.get_source_segment(module, node) + "\n")
     if not body:
         raise UpstreamError(f"{what}: nothing to move")
     for node in body:
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             raise UpstreamError(f"{what}:{node.lineno}: imports after the first definition")
+    lines = module.splitlines(keepends=True)
+    # the moved code uses the aliases
+    names = [
+        n for stmt in body for n in ast.walk(stmt) if isinstance(n, ast.Name) and n.id in renames
+    ]
+    for n in sorted(names, key=lambda n: (n.lineno, n.col_offset), reverse=True):
+        line = lines[n.lineno - 1]
+        lines[n.lineno - 1] = line[: n.col_offset] + renames[n.id] + line[n.end_col_offset :]
     # the moved module's __all__ does not restrict the target's names
     drop = [statement_span(n) for n in body if bound_names(n) == {"__all__"}]
+    body = [n for n in body if bound_names(n) != {"__all__"}]
+    start = statement_span(body[0])[0] if not drop else min(statement_span(body[0])[0], drop[0][0])
     moved_text = "".join(
         line
-        for i, line in enumerate(
-            lines[statement_span(body[0])[0] - 1 :], statement_span(body[0])[0]
-        )
+        for i, line in enumerate(lines[start - 1 :], start)
         if not any(a <= i <= b for a, b in drop)
     )
-    moved_text = re.sub(r"\n{4,}", "\n\n\n", moved_text)
+    moved_text = re.sub(r"\n{4,}", "\n\n\n", moved_text).strip("\n") + "\n"
 
-    # a function the target defines under the same name is replaced (removed there)
-    target_tree = ast.parse(target)
-    clash = set().union(set(), *(bound_names(n) for n in body)) & set().union(
-        set(), *(bound_names(n) for n in target_tree.body)
-    )
+    ours = set().union(set(), *(bound_names(n) for n in body))
+    if ours & set(theirs):
+        raise UpstreamError(f"{what} defines names {target_module} imports: {ours & set(theirs)}")
     target_lines = target.splitlines(keepends=True)
     for node in reversed(target_tree.body):
-        if not bound_names(node) & clash:
+        clash = bound_names(node) & ours
+        if not clash:
             continue
         if not isinstance(node, ast.FunctionDef):
             raise UpstreamError(f"{what} and {target_module} both define {sorted(clash)}")
         first, last = statement_span(node)
         del target_lines[first - 1 : last]
-    target = re.sub(r"\n{4,}", "\n\n\n", "".join(target_lines))
-    target_tree = ast.parse(target)
-    target_lines = target.splitlines(keepends=True)
+    target_tree = ast.parse("".join(target_lines))
     last_import = max(
         (n.end_lineno for n in target_tree.body if isinstance(n, (ast.Import, ast.ImportFrom))),
         default=0,
     )
+    final = target_tree.body[-1]
+    tail_at = statement_span(final)[0] - 1 if bound_names(final) == {"__all__"} else None
+    section = "".join(f"# {s}".rstrip() + "\n" for s in comment.splitlines()) if comment else ""
+    moved = "\n\n" + section + moved_text + "\n\n"
+    if tail_at is None:
+        target_lines.append(moved)
+    else:
+        target_lines.insert(tail_at, moved)
     target_lines.insert(last_import, "".join(imports))
-    has_future = any(
+    if future and not any(
         isinstance(n, ast.ImportFrom) and n.module == "__future__" for n in target_tree.body
-    )
-    if future and not has_future:
+    ):
         first = target_tree.body[0]
         at = first.end_lineno if isinstance(first, ast.Expr) else first.lineno - 1
         target_lines.insert(at, "from __future__ import annotations\n\n")
-    section = "".join(f"# {s}".rstrip() + "\n" for s in comment.splitlines()) if comment else ""
-    return "".join(target_lines).rstrip("\n") + "\n\n\n" + section + moved_text
+    return re.sub(r"\n{4,}", "\n\n\n", "".join(target_lines)).rstrip("\n") + "\n"
+
+
+def theirs_module(node: ast.ImportFrom) -> str:
+    """The module of a ``from`` import, as written."""
+    return "." * node.level + (node.module or "")
 
 
 # ----------------------------------------------------------------------------------------
@@ -1349,6 +1555,13 @@ def wrap(text: str) -> str:
     return "\n\n".join(out)
 
 
+def listing(text: str) -> str:
+    """One entry of a list in the patch text, wrapped at 72 columns."""
+    return textwrap.fill(
+        text, 72, initial_indent="    ", subsequent_indent="        ", break_on_hyphens=False
+    )
+
+
 def generated_notes(patch: Patch, series: Series, tests_at: List[Dict[str, TestModule]]) -> str:
     """The part of the description that the script writes: files and tests."""
     lines = ["Files:"]
@@ -1366,7 +1579,7 @@ def generated_notes(patch: Patch, series: Series, tests_at: List[Dict[str, TestM
     if patch.tests_added:
         lines += ["", "Tests added (pytest):"]
         for path, tests in patch.tests_added.items():
-            lines.append(f"    {path}: {', '.join(tests)}")
+            lines.append(listing(f"{path}: {', '.join(tests)}"))
     k = patch.number
     later: Dict[str, List[str]] = {}
     for stem, module in tests_at[k].items():
@@ -1378,14 +1591,14 @@ def generated_notes(patch: Patch, series: Series, tests_at: List[Dict[str, TestM
     if later:
         lines += ["", "Tests of these files that follow in later patches:"]
         for path, tests in later.items():
-            lines += [f"    {path}: {t}" for t in tests]
+            lines += [listing(f"{path}: {t}") for t in tests]
     if k == len(series.patches) and series.left_out:
         lines += [
             "",
             "Tests of pyro-markov-kl left out of the series (they need what stays there):",
         ]
-        lines += [f"    {t}: {why}" for t, why in series.left_out.items()]
-        lines += [f"    tests/{stem}.py: {why}" for stem, why in LEFT_OUT_TESTS.items()]
+        lines += [listing(f"{t}: {why}") for t, why in series.left_out.items()]
+        lines += [listing(f"tests/{stem}.py: {why}") for stem, why in LEFT_OUT_TESTS.items()]
     return "\n".join(lines)
 
 
