@@ -66,7 +66,7 @@ def main(argv=None) -> int:
         return (elbo.vectorize_particles, elbo.leave_one_out_baseline, tuple(elbo.kl_rules.items()))
 
     def miss():
-        elbo._plans.clear()
+        elbo.plan_cache.clear()
         step()
 
     candidates = {

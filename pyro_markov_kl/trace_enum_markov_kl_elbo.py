@@ -87,7 +87,7 @@ from .plan import (
 )
 from .plan_cache import PlanCache
 from .terms import has_mask, same_factor, site_factors
-from .trace_markov_kl_elbo import _arg_shapes
+from .trace_markov_kl_elbo import CompiledGraphs
 
 __all__ = [
     "EnumPlan",
@@ -535,7 +535,8 @@ class TraceEnumMarkovKL_ELBO(TraceEnum_ELBO):
     ) -> None:
         super().__init__(*args, **kwargs)
         self.kl_rules = dict(kl_rules or {})
-        self._plans = PlanCache(plan_cache_size)
+        #: The :class:`~pyro_markov_kl.plan_cache.PlanCache` of this instance.
+        self.plan_cache = PlanCache(plan_cache_size)
 
     def _get_traces_and_plans(
         self, model: Callable, guide: Callable, args: tuple, kwargs: dict
@@ -552,7 +553,7 @@ class TraceEnumMarkovKL_ELBO(TraceEnum_ELBO):
                 self.max_plate_nesting,
                 tuple(self.kl_rules.items()),
             )
-            plan = self._plans.get_or_build(
+            plan = self.plan_cache.get_or_build(
                 owner,
                 args,
                 kwargs,
@@ -619,7 +620,7 @@ class TraceEnumMarkovKL_ELBO(TraceEnum_ELBO):
         raise ValueError("num_particles must be at least 1")
 
 
-class JitTraceEnumMarkovKL_ELBO(TraceEnumMarkovKL_ELBO):
+class JitTraceEnumMarkovKL_ELBO(CompiledGraphs, TraceEnumMarkovKL_ELBO):
     """
     Like :class:`TraceEnumMarkovKL_ELBO` but uses :func:`pyro.ops.jit.trace`
     to compile the loss, as :class:`~pyro.infer.traceenum_elbo.JitTraceEnum_ELBO`
@@ -637,17 +638,8 @@ class JitTraceEnumMarkovKL_ELBO(TraceEnumMarkovKL_ELBO):
     ``*args``, everything else in ``**kwargs``.
     """
 
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state.pop("_compiled", None)  # compiled graphs are rebuilt on demand
-        return state
-
     def _compiled_loss(self, model: Callable, guide: Callable, *args, **kwargs) -> torch.Tensor:
-        compiled = getattr(self, "_compiled", None)
-        if compiled is None:
-            compiled = self._compiled = {}
-        key = (model, guide)
-        if key not in compiled:
+        def make_compiled() -> Callable:
             weakself = weakref.ref(self)
 
             @pyro.ops.jit.trace(
@@ -661,8 +653,9 @@ class JitTraceEnumMarkovKL_ELBO(TraceEnumMarkovKL_ELBO):
                     elbo = elbo + _compute_dice_elbo(model_trace, guide_trace)
                 return elbo * (-1.0 / self.num_particles)
 
-            compiled[key] = differentiable_loss
-        return compiled[key](*args, _pmkl_arg_shapes=_arg_shapes(args), **kwargs)
+            return differentiable_loss
+
+        return self._call_compiled(model, guide, make_compiled, args, kwargs)
 
     def differentiable_loss(self, model: Callable, guide: Callable, *args, **kwargs):
         """:returns: a differentiable estimate of the negative ELBO, from the compiled graph"""
