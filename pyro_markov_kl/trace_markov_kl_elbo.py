@@ -319,8 +319,10 @@ def check_site_shapes(trace: Trace, max_plate_nesting: float) -> None:
     Pyro's :func:`~pyro.util.check_site_shape` at every sample site, as
     :func:`pyro.infer.enum.get_importance_trace` runs it for Trace_ELBO under
     validation, from the shape of each site's ``log_prob`` (broadcast from the
-    batch shape and the value's shape; computed only where that fails, to
-    raise the distribution's own error), without computing it.
+    batch shape, the value's shape and the shapes of a tensor ``scale`` and
+    ``mask``, which :func:`~pyro.distributions.util.scale_and_mask` broadcasts;
+    computed only where that fails, to raise the distribution's own error),
+    without computing it.
 
     :raises ValueError: Pyro's errors (``invalid log_prob shape``, ``plate stack
         overflow``, ``dim collision``)
@@ -336,6 +338,9 @@ def check_site_shapes(trace: Trace, max_plate_nesting: float) -> None:
                 shape = torch.broadcast_shapes(fn.batch_shape, batch)
             except (AttributeError, RuntimeError):
                 shape = fn.log_prob(value).shape
+            for factor in (site["scale"], site["mask"]):  # scale_and_mask broadcasts
+                if torch.is_tensor(factor):
+                    shape = torch.broadcast_shapes(shape, factor.shape)
             site = dict(site, log_prob=torch.empty(shape, device="meta"))
         check_site_shape(site, max_plate_nesting)
 
