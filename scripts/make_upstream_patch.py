@@ -128,6 +128,7 @@ LEFT_OUT_TESTS = {
     "test_data": "tests the bundled JSB Chorales data (pyro_markov_kl.data)",
     "test_example_dmm": "runs the bundled DMM example on the bundled data",
     "test_compare": "tests pyro_markov_kl.compare and the DMM comparison example",
+    "test_layout": "checks this repository's import graph (scripts/import_graph.py)",
     "test_distributed": "trains the bundled DMM on the bundled data with torch.distributed",
     "test_property": "needs hypothesis, which is not one of Pyro's test dependencies",
     "test_property_discrete": "needs hypothesis, which is not one of Pyro's test dependencies",
