@@ -313,10 +313,10 @@ def downstream_cost(
     The cost :math:`C_k` of a score-function site, element by element: its
     downstream terms summed down to the site's plates, except those summed
     over the plates across which they depend on the site
-    (:attr:`~pyro_markov_kl.plan.SiteRecord.downstream_summed`).
+    (:attr:`~pyro_markov_kl.records.SiteRecord.downstream_summed`).
 
     :param base_cost: the cost of the site's
-        :attr:`~pyro_markov_kl.plan.SiteRecord.cost_base`, if any: then only the
+        :attr:`~pyro_markov_kl.records.SiteRecord.cost_base`, if any: then only the
         other terms are added to it
     """
     indices = range(len(rec.downstream)) if base_cost is None else rec.cost_extra

@@ -228,7 +228,7 @@ class TraceMarkovKL_ELBO(ELBO):
         ``guide_parents``, ``model_parents`` and ``guide_descendants``.
         ``print(plan)`` shows it as a table. The same plan drives the loss.
 
-        :returns: the :class:`~pyro_markov_kl.plan.Plan`
+        :returns: the :class:`~pyro_markov_kl.records.Plan`
         """
         with poutine.block():
             for _, _, plan in self._get_traces_and_plans(model, guide, args, kwargs):
