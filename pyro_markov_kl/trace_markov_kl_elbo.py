@@ -20,9 +20,10 @@ from pyro.util import check_if_enumerated, check_model_guide_match, check_site_s
 
 from .dependencies import analyse_dependencies, outside_jit_trace
 from .guide_messenger import analyse_guide_messenger, guide_messenger_traces, is_guide_messenger
-from .plan import Plan, SiteRecord, build_plan, check_model_guide_sites
+from .plan import Plan, SiteRecord, build_plan
 from .plan_cache import PlanCache
 from .score_function import score_function_terms
+from .sites import check_model_guide_sites
 from .terms import elbo_terms, sum_terms
 
 
@@ -199,6 +200,7 @@ class TraceMarkovKL_ELBO(Trace_ELBO):
             model_deps,
             self.kl_rules,
             self.leave_one_out_baseline,
+            check_sites=not is_validation_enabled(),  # else checked in _get_unpruned_trace
         )
         if is_validation_enabled():
             warn_guide_order(plan)
@@ -211,7 +213,7 @@ class TraceMarkovKL_ELBO(Trace_ELBO):
         ``guide_parents``, ``model_parents`` and ``guide_descendants``.
         ``print(plan)`` shows it as a table. The same plan drives the loss.
 
-        :returns: the :class:`~pyro_markov_kl.plan.Plan`
+        :returns: the :class:`~pyro_markov_kl.records.Plan`
         """
         with poutine.block():
             for _, guide_trace in self._get_traces(model, guide, args, kwargs):

@@ -64,10 +64,12 @@ MODULES = (
     "kl",
     "kl_pairs",
     "kl_funsor",
+    "sites",
     "terms",
-    "plan",
+    "records",
     "plan_cache",
     "score_function",
+    "plan",
 )
 #: The ELBO module, copied to ``pyro/infer/trace_markov_kl_elbo.py`` (Pyro keeps every
 #: ELBO class in a module of ``pyro.infer``).
@@ -81,7 +83,8 @@ LEFT_OUT_MODULES = {
     "trace_enum_markov_kl_elbo": (
         "TraceEnumMarkovKL_ELBO, a sibling of TraceEnum_ELBO: proposed as a follow-up patch"
     ),
-    "compare": "the ELBO comparison tool (a pyro-markov-kl utility with a CLI)",
+    "enum_plan": "the plan of TraceEnumMarkovKL_ELBO: proposed with it as a follow-up patch",
+    "compare": "the ELBO comparison tool (a pyro-markov-kl utility)",
     "examples": "the examples (DMM, switching state-space model, comparison scripts)",
     "data": "the bundled JSB Chorales data and its loaders",
 }
@@ -125,6 +128,7 @@ LEFT_OUT_TESTS = {
     "test_data": "tests the bundled JSB Chorales data (pyro_markov_kl.data)",
     "test_example_dmm": "runs the bundled DMM example on the bundled data",
     "test_compare": "tests pyro_markov_kl.compare and the DMM comparison example",
+    "test_layout": "checks this repository's import graph (scripts/import_graph.py)",
     "test_distributed": "trains the bundled DMM on the bundled data with torch.distributed",
     "test_property": "needs hypothesis, which is not one of Pyro's test dependencies",
     "test_property_discrete": "needs hypothesis, which is not one of Pyro's test dependencies",
@@ -174,8 +178,6 @@ PYRO_HEADER = (
 
 #: Text rewrites applied after the imports are rewritten: (pattern, replacement).
 TEXT_REWRITES = (
-    # provenance.py: frames in pyro's own directory already cover pyro/infer/markov_kl
-    (r',\s*__import__\("pyro_markov_kl"\)', ""),
     (
         r"\bpyro_markov_kl\.(JitTraceMarkovKL_ELBO|TraceMarkovKL_ELBO)\b",
         r"pyro.infer.trace_markov_kl_elbo.\1",
