@@ -25,7 +25,7 @@ What is measured, and how (all in one process unless said otherwise, one torch t
 * Step time: every gradient draw above is timed (zeroing the gradients plus ``loss_and_grads``,
   i.e. an SVI step without the optimiser update); the ELBOs are interleaved, with the order
   rotated every draw. Reported: medians over both phases, and ratios of medians.
-* Plan analysis: ``elbo._plans.clear()`` then a step (a cache miss) against a cached step,
+* Plan analysis: ``elbo.plan_cache.clear()`` then a step (a cache miss) against a cached step,
   interleaved ``--miss-reps`` times; the difference of medians is the cost of one analysis,
   reported amortised over 100 steps as a percentage of the cached step time. For the JSB
   configuration it also counts the distinct plan structures (one per mini-batch ``T_max``) met
@@ -131,7 +131,7 @@ def plan_miss_cost(dmm, batch, elbo, reps, seed):
     step = D.step_fn(elbo, dmm, batch)
 
     def miss():
-        elbo._plans.clear()
+        elbo.plan_cache.clear()
         step()
 
     times = C.interleaved_times({"miss": miss, "hit": step}, reps=reps, warmup=0)

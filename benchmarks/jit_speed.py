@@ -143,11 +143,11 @@ def main(argv=None) -> int:
     print(f"compilations in total: {compilations[0]}")
 
     # checks: which estimators the JIT ELBO used, and same-seed losses
-    plans = list(elbos[jit_name]._plans.values())
+    plans = list(elbos[jit_name].plan_cache.values())
     counts = ", ".join(
         f"{len(p.analytic_sites())} analytic / {len(p.mc_sites())} mc" for p in plans
     )
-    eager_plans = list(elbos[eager_name]._plans.values())
+    eager_plans = list(elbos[eager_name].plan_cache.values())
     eager_counts = ", ".join(
         f"{len(p.analytic_sites())} analytic / {len(p.mc_sites())} mc" for p in eager_plans
     )

@@ -130,7 +130,7 @@ def analysis_scaling(args, targets: C.Targets) -> None:
         batch = D.synthetic_batch(args.batch_size, T, seed=args.seed)
 
         def miss(batch=batch):
-            elbo._plans.clear()
+            elbo.plan_cache.clear()
             elbo.explain(dmm.model, dmm.guide, *batch)
 
         def hit(batch=batch):

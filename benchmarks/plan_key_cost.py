@@ -5,7 +5,7 @@
 What the plan-cache checks that keep a plan from going stale cost per step, on the small DMM.
 
 Every step, :class:`~pyro_markov_kl.plan_cache.PlanCache` builds the plan key: the traces'
-structure (:func:`~pyro_markov_kl.plan.structure_key`, which also walks every guide/model site
+structure (:func:`~pyro_markov_kl.plan_cache.structure_key`, which also walks every guide/model site
 pair for ``TransformedDistribution`` transforms to compare), the non-tensor arguments
 (:func:`~pyro_markov_kl.plan_cache.argument_key`) and the ELBO's settings. This script times,
 side by side in one run (interleaved, medians), a whole training step of
@@ -29,8 +29,13 @@ import _dmm as D
 from pyro import poutine
 
 from pyro_markov_kl import TraceMarkovKL_ELBO
-from pyro_markov_kl.plan import _transform_equalities, structure_key
-from pyro_markov_kl.plan_cache import CHECK_AT, CHECK_EVERY, argument_key
+from pyro_markov_kl.plan_cache import (
+    CHECK_AT,
+    CHECK_EVERY,
+    _transform_equalities,
+    argument_key,
+    structure_key,
+)
 
 
 def main(argv=None) -> int:
@@ -66,7 +71,7 @@ def main(argv=None) -> int:
         return (elbo.vectorize_particles, elbo.leave_one_out_baseline, tuple(elbo.kl_rules.items()))
 
     def miss():
-        elbo._plans.clear()
+        elbo.plan_cache.clear()
         step()
 
     candidates = {

@@ -5,6 +5,7 @@
 
 __version__ = "0.1.0"
 
+from .compare import ELBOComparison, compare_elbos
 from .kl import (
     KLDivergenceError,
     KLRule,
@@ -14,19 +15,9 @@ from .kl import (
     kl_divergence,
     register_kl,
 )
-from .plan import Plan, SiteRecord
+from .records import Plan, SiteRecord
 from .trace_enum_markov_kl_elbo import EnumPlan, JitTraceEnumMarkovKL_ELBO, TraceEnumMarkovKL_ELBO
 from .trace_markov_kl_elbo import GuideOrderWarning, JitTraceMarkovKL_ELBO, TraceMarkovKL_ELBO
-
-
-def __getattr__(name: str):
-    # compare is imported lazily: ``python -m pyro_markov_kl.compare`` runs it as __main__
-    if name in ("compare_elbos", "ELBOComparison"):
-        from . import compare
-
-        return getattr(compare, name)
-    raise AttributeError(f"module 'pyro_markov_kl' has no attribute {name!r}")
-
 
 __all__ = [
     "ELBOComparison",

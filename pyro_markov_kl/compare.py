@@ -43,8 +43,7 @@ Each estimator is also marked valid, biased (naming the sites) or unchecked for 
 guide (see :class:`ELBOComparison`).
 
 ``python -m pyro_markov_kl.examples.dmm_gradient_variance`` runs the comparison on the Deep Markov
-Model of :mod:`pyro_markov_kl.examples.dmm` on a JSB Chorales mini-batch (see ``--help``; the
-former ``python -m pyro_markov_kl.compare`` forwards to it).
+Model of :mod:`pyro_markov_kl.examples.dmm` on a JSB Chorales mini-batch (see ``--help``).
 """
 
 import math
@@ -59,6 +58,10 @@ import pyro.poutine as poutine
 import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.elbo import ELBO
+from torch.distributions import kl_divergence
+
+from .plan import bias_reason
+from .trace_markov_kl_elbo import TraceMarkovKL_ELBO
 
 __all__ = ["ELBOComparison", "compare_elbos", "param_group"]
 
@@ -124,8 +127,6 @@ def param_group(name: str) -> str:
 
 
 def _default_elbos() -> "OrderedDict[str, ELBO]":
-    from pyro_markov_kl import TraceMarkovKL_ELBO
-
     return OrderedDict(
         [
             ("Trace_ELBO", Trace_ELBO()),
@@ -171,8 +172,6 @@ def _class_path(elbo: Any) -> str:
 def _plan_elbo(named: Mapping[str, ELBO]) -> Any:
     """A :class:`~pyro_markov_kl.TraceMarkovKL_ELBO` to make the plan with: one of the compared
     estimators if there is one (its plan cache then serves its draws), else a new one."""
-    from pyro_markov_kl import TraceMarkovKL_ELBO
-
     for elbo in named.values():
         if type(elbo) is TraceMarkovKL_ELBO:
             return elbo
@@ -187,8 +186,6 @@ def _kl_sites(
 ) -> List[str]:
     """The sites among ``names`` for which :func:`torch.distributions.kl_divergence` of the
     guide's and the model's distributions exists (where ``TraceMeanField_ELBO`` uses it)."""
-    from torch.distributions import kl_divergence
-
     with poutine.block():
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
@@ -214,8 +211,6 @@ def _biased_sites(
     The sites where an always-analytic estimator is biased on this model and guide, in guide
     order, and an error message if the dependency analysis failed (then the list is empty).
     """
-    from pyro_markov_kl.plan import bias_reason
-
     try:
         plan = _plan_elbo(named).explain(model, guide, *args, **kwargs)
     except Exception as e:  # the analysis does not support this program: say so
@@ -767,18 +762,3 @@ class ELBOComparison:
         if path is not None:
             fig.savefig(path, dpi=120)
         return fig
-
-
-if __name__ == "__main__":
-    # the DMM command line moved to the examples; forward to it without importing the examples
-    # into the library
-    import runpy
-    import sys
-
-    print(
-        "python -m pyro_markov_kl.compare has moved to python -m "
-        "pyro_markov_kl.examples.dmm_gradient_variance (same options); running it",
-        file=sys.stderr,
-        flush=True,
-    )
-    runpy.run_module("pyro_markov_kl.examples.dmm_gradient_variance", run_name="__main__")

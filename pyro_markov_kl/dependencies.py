@@ -17,15 +17,11 @@ import torch
 from pyro import poutine
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
+from pyro.poutine.util import site_is_subsample
 from pyro.util import get_rng_state, set_rng_state
 from torch.nn.modules.module import register_module_forward_pre_hook
 
 from .provenance import DependencyTracker
-
-
-def is_subsample_site(msg: Mapping) -> bool:
-    """Whether ``msg`` is the auxiliary site a subsampling plate records."""
-    return type(msg["fn"]).__name__ == "_Subsample"
 
 
 @dataclass(frozen=True)
@@ -101,7 +97,7 @@ class DependencyMessenger(Messenger):
         self.unknown: Dict[str, str] = {}
 
     def _pyro_post_sample(self, msg: dict) -> None:
-        if is_subsample_site(msg):
+        if site_is_subsample(msg):
             return
         tracker, name, fn, value = self.tracker, msg["name"], msg["fn"], msg["value"]
         reason = None

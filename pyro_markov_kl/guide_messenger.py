@@ -28,11 +28,11 @@ from typing import Any, Callable, Optional, Tuple
 from pyro import poutine
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
+from pyro.poutine.util import site_is_subsample
 
 from .dependencies import (
     DependencyMessenger,
     ProgramDependencies,
-    is_subsample_site,
     isolated_analysis,
 )
 from .provenance import DependencyTracker
@@ -58,7 +58,7 @@ def _split(trace: Trace) -> Tuple[Trace, Trace]:
         if site["type"] != "sample" or site["is_observed"]:
             del guide_trace.nodes[name]
             continue
-        if is_subsample_site(site):
+        if site_is_subsample(site):
             guide_trace.nodes[name] = site.copy()
             continue
         prior = site["infer"].get("prior")
@@ -108,7 +108,7 @@ class _PriorDependencyMessenger(DependencyMessenger):
     """
 
     def _pyro_post_sample(self, msg: dict) -> None:
-        if not msg["is_observed"] and not is_subsample_site(msg):
+        if not msg["is_observed"] and not site_is_subsample(msg):
             prior = (msg["infer"] or {}).get("prior")
             if prior is None:
                 return  # auxiliary: not a site of the model
@@ -151,7 +151,7 @@ def analyse_guide_messenger(
     guide_names = frozenset(
         name
         for name, site in guide_trace.nodes.items()
-        if site["type"] == "sample" and not is_subsample_site(site)
+        if site["type"] == "sample" and not site_is_subsample(site)
     )
     model_deps = model_side.dependencies()
     return _restrict(guide_side.dependencies(), guide_names), model_deps

@@ -1,7 +1,11 @@
 # SPDX-FileCopyrightText: 2026 pyro-markov-kl developers
 # SPDX-License-Identifier: Apache-2.0
 
-"""The per-ELBO cache of estimator plans, one per model/guide structure."""
+"""
+The per-ELBO cache of estimator plans, one per model/guide structure: the plan
+key (:func:`structure_key` of the traces, :func:`argument_key` of the call) and
+:class:`PlanCache`, with its checks against a fresh analysis.
+"""
 
 from __future__ import annotations
 
@@ -15,12 +19,153 @@ from typing import Any, Callable, Dict, Hashable, List
 
 import numpy as np
 import torch
+from pyro.distributions.torch_distribution import MaskedDistribution
 from pyro.poutine.trace_struct import Trace
 from pyro.util import ignore_jit_warnings
+from torch.distributions import Independent, TransformedDistribution
 
 from .kl import registry_version
-from .plan import StructureKey, structure_key
 
+
+# --- the key of a step's structure -----------------------------------------------------------
+def fn_signature(fn: Any) -> tuple:
+    """
+    A hashable summary of a distribution's structure through its wrappers: each
+    wrapper's type, batch and event shapes, and what a wrapper adds (an
+    ``Independent``'s reinterpreted dimensions, a ``TransformedDistribution``'s
+    transform types, the shape and broadcast dimensions of a ``.mask()``).
+    """
+    sig: list = []
+    while fn is not None:
+        entry: tuple = (
+            type(fn),
+            _shape(getattr(fn, "batch_shape", None)),
+            _shape(getattr(fn, "event_shape", None)),
+        )
+        if isinstance(fn, Independent):
+            entry += (fn.reinterpreted_batch_ndims,)
+        elif isinstance(fn, TransformedDistribution):
+            entry += (tuple(type(t) for t in fn.transforms),)
+        elif isinstance(fn, MaskedDistribution):
+            entry += (_mask_signature(fn._mask),)
+        sig.append(entry)
+        fn = getattr(fn, "base_dist", None)
+    return tuple(sig)
+
+
+def _mask_signature(mask: Any) -> Any:
+    # which dimensions of a .mask() are broadcast decides whether it can be folded
+    if torch.is_tensor(mask):
+        return _shape(mask.shape), tuple(st == 0 for st in mask.stride())
+    return mask
+
+
+def _shape(shape: Any) -> Any:
+    # plain ints: under Pyro's JIT, sizes hash by identity although they compare equal
+    return None if shape is None else tuple(int(d) for d in shape)
+
+
+def _factor_signature(x: Any) -> Any:
+    # a 0-dim tensor scale is a number to the plan (Pyro's JIT turns numbers into tensors)
+    if torch.is_tensor(x) and (x.dim() or x.dtype == torch.bool):
+        return _shape(x.shape), x.dtype
+    return x if x is None or x is True or x is False else float
+
+
+class StructureKey:
+    """A tuple key whose hash is computed once (plan keys are large and looked up twice)."""
+
+    __slots__ = ("key", "_hash")
+
+    def __init__(self, key: tuple) -> None:
+        self.key = key
+        self._hash = hash(key)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, StructureKey) and self._hash == other._hash and self.key == other.key
+        )
+
+
+def structure_key(model_trace: Trace, guide_trace: Trace) -> StructureKey:
+    """
+    A hashable summary of everything the plan depends on besides the program
+    text: site names, types and order, distribution types (through their
+    wrappers), shapes, plate stacks, observation status, ``infer`` options and
+    the kinds of scale and mask. A plan is reused only for an equal key.
+    """
+    key = []
+    frames: Dict[int, tuple] = {}  # plates are usually entered once: convert each frame once
+
+    def frame_key(f: Any) -> tuple:
+        k = frames.get(id(f))
+        if k is None:
+            k = frames[id(f)] = f._key()  # sizes as numbers, also when JIT made them tensors
+        return k
+
+    for trace in (guide_trace, model_trace):
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample":
+                continue
+            value = site["value"]
+            infer = site["infer"]
+            key.append(
+                (
+                    name,
+                    site["is_observed"],
+                    fn_signature(site["fn"]),
+                    _shape(value.shape) if torch.is_tensor(value) else type(value),
+                    tuple(frame_key(f) for f in site["cond_indep_stack"]),
+                    infer.get("kl"),
+                    infer.get("is_auxiliary"),
+                    infer.get("enumerate"),
+                    bool(infer.get("baseline")),
+                    _factor_signature(site["scale"]),
+                    _factor_signature(site["mask"]),
+                )
+            )
+        key.append(None)
+    model_nodes = model_trace.nodes
+    for name, site in guide_trace.nodes.items():
+        if site["type"] == "sample" and name in model_nodes:
+            equal = _transform_equalities(site["fn"], model_nodes[name]["fn"])
+            if equal:
+                key.append((name, equal))
+    return StructureKey(tuple(key))
+
+
+def _transform_equalities(q: Any, p: Any) -> tuple:
+    """
+    Whether each pair of transforms of ``q`` and ``p`` (the guide's and the
+    model's distribution of a site, through their wrappers) is equal, for the
+    ``TransformedDistribution`` pairs whose KL rule requires equal transforms:
+    a value condition that a plan depends on, so it belongs in the key. Empty,
+    at the cost of a walk along the wrappers, for every other site.
+    """
+    equal: list = []
+    while q is not None and p is not None:
+        if isinstance(q, TransformedDistribution) and isinstance(p, TransformedDistribution):
+            equal.extend(_same_transform(a, b) for a, b in zip(q.transforms, p.transforms))
+        q, p = getattr(q, "base_dist", None), getattr(p, "base_dist", None)
+    return tuple(equal)
+
+
+def _same_transform(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    if type(a) is not type(b):
+        return False
+    try:
+        with torch.no_grad():
+            return bool(a == b)
+    except (RuntimeError, TypeError, ValueError):
+        return False
+
+
+# --- the key of a step's arguments ---------------------------------------------------------
 # non-tensor arguments whose value may steer the program's control flow, keyed by value
 _SWITCHES = (bool, int, str, bytes, type(None), enum.Enum, type)
 
@@ -85,6 +230,7 @@ def _is_plain_object(x: Any) -> bool:
 
 _MAX_FIELDS = 64
 
+# --- the cache --------------------------------------------------------------------------------
 #: the uses of a cached plan at which it is checked against a fresh analysis, and the period
 #: after the last of them
 CHECK_AT = (2, 16, 128)
@@ -122,7 +268,7 @@ class PlanCache(OrderedDict):
     for: the model/guide pair and the ELBO's settings that a plan reads (the
     ``owner``), the KL registries' version, the non-tensor arguments
     (:func:`argument_key`) and the structure of the traces
-    (:func:`~pyro_markov_kl.plan.structure_key`, which also holds the value
+    (:func:`structure_key`, which also holds the value
     conditions a KL rule was chosen on, such as equal transforms).
 
     What a key cannot see (a float argument used as a switch, global state, a

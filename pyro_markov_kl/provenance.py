@@ -44,6 +44,7 @@ import types
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import pyro
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -126,10 +127,10 @@ def _written_arguments(func: Any) -> Tuple[Tuple[int, str], ...]:
     )
 
 
+# the directories of torch, pyro and this package (this module's own: importing the package
+# root from here would import the ELBOs, which import this module)
 _SKIP_FRAMES = tuple(
-    os.path.dirname(m.__file__) + os.sep
-    for m in (torch, __import__("pyro"), __import__("pyro_markov_kl"))
-    if getattr(m, "__file__", None)
+    os.path.dirname(path) + os.sep for path in (torch.__file__, pyro.__file__, __file__) if path
 )
 
 

@@ -25,17 +25,16 @@ from __future__ import annotations
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
-from pyro.distributions.torch_distribution import MaskedDistribution
 from pyro.distributions.util import scale_and_mask, sum_rightmost
 from pyro.util import ignore_jit_warnings
-from torch.distributions import Distribution, Independent
 
 from .batched_kl import stack_distributions
 from .kl import KLDivergenceError, compute_kl
+from .sites import has_mask, same_factor, site_factors
 
 
 class Term(NamedTuple):
-    """
+    r"""
     One site's contribution to the ELBO.
 
     :ivar name: the site
@@ -47,6 +46,11 @@ class Term(NamedTuple):
     :ivar surrogate: what the surrogate ELBO uses in place of ``value``: the
         same, but for a non-reparameterised site's ``-log q``, whose pathwise
         gradient has expectation zero and is left to its score function
+    :ivar log_q: for a non-reparameterised guide site whose term evaluates
+        :math:`\log q` at the sample (a Monte Carlo or auxiliary term), that
+        log-density, not scaled or masked: the site's score function, which
+        :func:`~pyro_markov_kl.score_function.score_function_terms` reuses
+        instead of computing it again; else ``None``
     """
 
     name: str
@@ -54,179 +58,34 @@ class Term(NamedTuple):
     value: torch.Tensor
     frames: tuple
     surrogate: torch.Tensor
+    log_q: Optional[torch.Tensor] = None
 
 
-def _and(a: Any, b: Any) -> Any:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return a & b
-
-
-def unwrap_mask(fn: Distribution) -> Tuple[Distribution, Any]:
+def site_log_prob(site: Dict[str, Any], log_prob: Optional[torch.Tensor] = None) -> torch.Tensor:
     """
-    Strip :class:`~pyro.distributions.torch_distribution.MaskedDistribution`
-    wrappers (``.mask()``), including one under an ``Independent`` whose mask
-    is constant along the reinterpreted dimensions (e.g. ``.mask(m).to_event(1)``
-    with ``m`` of shape ``(B, 1)``), and return the bare distribution with the
-    combined mask, or ``None`` for no mask. Other masks under an
-    ``Independent`` are left in place, for :func:`site_factors` to handle
-    element by element, or for a Monte Carlo term.
+    ``scale * mask * log_prob(value)`` of a trace site, not summed.
 
-    A mask that is broadcast there (size 1 or stride 0: a boolean ``m``) is
-    constant by its shape and strides, which are part of the plan's structure
-    key. ``.mask()`` turns any other mask into a new boolean tensor (a float
-    ``m`` of shape ``(B, 1)``, as Pyro's DMM example passes, loses its strides),
-    so such a mask is checked by its values, every time: the plan is made on
-    the first trace's mask, and a later mask that varies inside the event is
-    handled by the fallbacks of the terms, which are unbiased as well. Inside a
-    JIT trace, where a value-dependent branch would be compiled in, only the
-    strides count.
+    :param log_prob: the site's ``log_prob(value)``, if already computed
     """
-    mask = None
-    while True:
-        if isinstance(fn, MaskedDistribution):
-            mask = _and(mask, fn._mask)
-            fn = fn.base_dist
-            continue
-        if isinstance(fn, Independent) and isinstance(fn.base_dist, MaskedDistribution):
-            k = fn.reinterpreted_batch_ndims
-            inner = fn.base_dist
-            m = inner._mask
-            if torch.is_tensor(m) and m.dim() > len(inner.batch_shape) - k:
-                nk = min(k, m.dim())
-                if not _constant_along_last(m, nk):
-                    break  # the mask may vary inside the event
-                m = m[(Ellipsis,) + (0,) * nk]
-            mask = _and(mask, m)
-            fn = Independent(inner.base_dist, k)
-            continue
-        break
-    return fn, mask
-
-
-def _constant_along_last(m: torch.Tensor, n: int) -> bool:
-    """Whether a mask is constant along its ``n`` rightmost dimensions (see :func:`unwrap_mask`)."""
-    dims = range(m.dim() - n, m.dim())
-    if all(m.size(d) == 1 or m.stride(d) == 0 for d in dims):
-        return True
-    if torch._C._get_tracing_state():
-        return False
-    first = m[(Ellipsis,) + (slice(0, 1),) * n]
-    return bool(torch.equal(m, first.expand(m.shape)))
-
-
-def _masked_event_dims(fn: Distribution) -> int:
-    """How many event dimensions of ``fn`` hold a ``.mask()`` that could not be folded."""
-    if isinstance(fn, Independent) and has_mask(fn.base_dist):
-        return fn.reinterpreted_batch_ndims
-    return 0
-
-
-def _strip_event_dims(fn: Distribution, k: int) -> Optional[Distribution]:
-    """``fn`` with its ``k`` rightmost event dimensions made batch dimensions, if it can be."""
-    if isinstance(fn, Independent) and fn.reinterpreted_batch_ndims >= k:
-        r = fn.reinterpreted_batch_ndims - k
-        return Independent(fn.base_dist, r) if r else fn.base_dist
-    return None
-
-
-def _pad_right(x: Any, k: int) -> Any:
-    """Give a batch-shaped factor ``k`` trailing singleton dimensions."""
-    return x.reshape(x.shape + (1,) * k) if torch.is_tensor(x) and x.dim() else x
-
-
-def has_mask(fn: Distribution) -> bool:
-    """Whether a ``.mask()`` is left anywhere in ``fn``'s chain of base distributions."""
-    while fn is not None:
-        if isinstance(fn, MaskedDistribution):
-            return True
-        fn = getattr(fn, "base_dist", None)
-    return False
-
-
-def same_factor(scale_p: Any, mask_p: Any, scale_q: Any, mask_q: Any) -> bool:
-    """Whether the model's and the guide's factors are certainly equal (cheap checks only)."""
-    if torch.is_tensor(scale_p) or torch.is_tensor(scale_q):
-        if scale_p is not scale_q:
-            return False
-    elif scale_p != scale_q:
-        return False
-    if mask_p is mask_q:
-        return True
-    if torch.is_tensor(mask_p) and torch.is_tensor(mask_q):
-        if torch._C._get_tracing_state():
-            return False
-        return mask_p.shape == mask_q.shape and bool(torch.equal(mask_p, mask_q))
-    return False
-
-
-def site_log_prob(site: Dict[str, Any]) -> torch.Tensor:
-    """``scale * mask * log_prob(value)`` of a trace site, not summed."""
-    log_p = site["fn"].log_prob(site["value"])
-    return scale_and_mask(log_p, site["scale"], site["mask"])
-
-
-class SiteFactors(NamedTuple):
-    """
-    A latent site's guide and model distributions without ``.mask()``
-    wrappers, with their factors; ``event_dims`` event dimensions were made
-    batch dimensions (where a mask varies inside the event), so terms are
-    computed element by element and then summed over them.
-    """
-
-    q: Distribution
-    p: Distribution
-    scale_q: Any
-    mask_q: Any
-    scale_p: Any
-    mask_p: Any
-    event_dims: int = 0
-
-
-def site_factors(model_site: Dict[str, Any], guide_site: Dict[str, Any]) -> SiteFactors:
-    r"""
-    Unwrap both sides' masks into their factors. A mask that varies inside
-    an ``Independent``'s event (``.mask(m).to_event(1)`` with ``m`` of the full
-    shape) cannot be a per-site factor; then both sides are lowered to the
-    elementwise level, where it can: with
-    :math:`\mathrm{KL}(\mathrm{Indep}(q_0) \| \mathrm{Indep}(p_0)) = \sum_i
-    \mathrm{KL}(q_{0,i} \| p_{0,i})`, the term is
-    :math:`\sum_i [-f_{p,i}\,\mathrm{KL}_i - (f_{p,i} - f_{q,i})\,\mathrm{H}_i]`.
-    """
-    q, mask_q = unwrap_mask(guide_site["fn"])
-    p, mask_p = unwrap_mask(model_site["fn"])
-    mask_q = _and(guide_site["mask"], mask_q)
-    mask_p = _and(model_site["mask"], mask_p)
-    scale_q, scale_p = guide_site["scale"], model_site["scale"]
-    k = max(_masked_event_dims(q), _masked_event_dims(p))
-    if k:
-        q0, p0 = _strip_event_dims(q, k), _strip_event_dims(p, k)
-        if q0 is not None and p0 is not None:
-            q0, mask_q0 = unwrap_mask(q0)
-            p0, mask_p0 = unwrap_mask(p0)
-            return SiteFactors(
-                q0,
-                p0,
-                _pad_right(scale_q, k),
-                _and(_pad_right(mask_q, k), mask_q0),
-                _pad_right(scale_p, k),
-                _and(_pad_right(mask_p, k), mask_p0),
-                k,
-            )
-    return SiteFactors(q, p, scale_q, mask_q, scale_p, mask_p)
+    if log_prob is None:
+        log_prob = site["fn"].log_prob(site["value"])
+    return scale_and_mask(log_prob, site["scale"], site["mask"])
 
 
 def mc_term(
-    model_site: Dict[str, Any], guide_site: Dict[str, Any], reparameterized: bool = True
+    model_site: Dict[str, Any],
+    guide_site: Dict[str, Any],
+    reparameterized: bool = True,
+    log_q: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """
     ``log p - log q`` at the sample, and its surrogate: for a
     non-reparameterised site ``-log q`` is detached (its pathwise gradient has
     expectation zero; its score function carries the gradient).
+
+    :param log_q: the guide site's ``log_prob(value)``, if already computed
     """
-    log_p, log_q = site_log_prob(model_site), site_log_prob(guide_site)
+    log_p, log_q = site_log_prob(model_site), site_log_prob(guide_site, log_q)
     surrogate_q = log_q if reparameterized else log_q.detach()
     if log_p.shape == log_q.shape:
         return log_p - log_q, log_p - surrogate_q
@@ -336,9 +195,12 @@ def elbo_terms(plan: Any, model_trace: Any, guide_trace: Any) -> List[Term]:
     terms: List[Term] = []
     model_nodes, guide_nodes = model_trace.nodes, guide_trace.nodes
 
-    def add(name: str, kind: str, value: torch.Tensor, stack: tuple, surrogate=None) -> None:
+    def add(
+        name: str, kind: str, value: torch.Tensor, stack: tuple, surrogate=None, log_q=None
+    ) -> None:
         frames = stack if value.dim() else ()
-        terms.append(Term(name, kind, value, frames, value if surrogate is None else surrogate))
+        surrogate = value if surrogate is None else surrogate
+        terms.append(Term(name, kind, value, frames, surrogate, log_q))
 
     for name in plan.observed:
         site = model_nodes[name]
@@ -359,16 +221,21 @@ def elbo_terms(plan: Any, model_trace: Any, guide_trace: Any) -> List[Term]:
         guide_site = guide_nodes[name]
         stack = guide_site["cond_indep_stack"]
         model_site: Optional[Dict[str, Any]] = model_nodes.get(name)
-        if model_site is None:
-            log_q = site_log_prob(guide_site)
-            surrogate = None if record.reparameterized else -log_q.detach()
-            add(name, "auxiliary", -log_q, stack, surrogate)
-        elif record.estimator == "analytic":
+        if record.estimator == "analytic" and model_site is not None:
             value = analytic_term(name, model_site, guide_site, record.kl_rule)
             add(name, "analytic", value, stack)
+            continue
+        # log q at the sample, once: also the score function of a non-reparameterised site
+        log_q = None
+        if not record.reparameterized:
+            log_q = guide_site["fn"].log_prob(guide_site["value"])
+        if model_site is None:
+            value = -site_log_prob(guide_site, log_q)
+            surrogate = None if record.reparameterized else value.detach()
+            add(name, "auxiliary", value, stack, surrogate, log_q)
         else:
-            value, surrogate = mc_term(model_site, guide_site, record.reparameterized)
-            add(name, "mc", value, stack if value.dim() else (), surrogate)
+            value, surrogate = mc_term(model_site, guide_site, record.reparameterized, log_q)
+            add(name, "mc", value, stack if value.dim() else (), surrogate, log_q)
     return terms
 
 
@@ -386,8 +253,9 @@ def sum_terms(terms: List[Term]) -> Tuple[Any, Any]:
 __all__ = [
     "Term",
     "analytic_term",
+    "batched_analytic_term",
     "elbo_terms",
+    "mc_term",
     "site_log_prob",
     "sum_terms",
-    "unwrap_mask",
 ]

@@ -4,14 +4,15 @@
 from __future__ import annotations
 
 import functools
+import time
 import warnings
 import weakref
-from typing import Any, Callable, Iterator, Mapping, Optional, Tuple
+from typing import Any, Callable, Mapping, Optional, Tuple
 
 import pyro.ops.jit
 import torch
 from pyro import poutine
-from pyro.infer.elbo import ELBO
+from pyro.infer.trace_elbo import JitTrace_ELBO, Trace_ELBO
 from pyro.infer.util import is_validation_enabled, torch_item
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
@@ -19,13 +20,14 @@ from pyro.util import check_if_enumerated, check_model_guide_match, check_site_s
 
 from .dependencies import analyse_dependencies, outside_jit_trace
 from .guide_messenger import analyse_guide_messenger, guide_messenger_traces, is_guide_messenger
-from .plan import Plan, SiteRecord, build_plan, check_model_guide_sites
+from .plan import Plan, SiteRecord, build_plan
 from .plan_cache import PlanCache
 from .score_function import score_function_terms
+from .sites import check_model_guide_sites
 from .terms import elbo_terms, sum_terms
 
 
-class TraceMarkovKL_ELBO(ELBO):
+class TraceMarkovKL_ELBO(Trace_ELBO):
     r"""
     A trace implementation of ELBO-based SVI that uses the analytic KL
     divergence of every latent site, conditioned on the guide's sampled
@@ -90,42 +92,27 @@ class TraceMarkovKL_ELBO(ELBO):
 
     def __init__(
         self,
-        num_particles: int = 1,
-        max_plate_nesting: float = float("inf"),
-        max_iarange_nesting: Optional[int] = None,
-        vectorize_particles: bool = False,
-        strict_enumeration_warning: bool = True,
-        ignore_jit_warnings: bool = False,
-        jit_options: Optional[dict] = None,
-        retain_graph: Optional[bool] = None,
-        tail_adaptive_beta: float = -1.0,
-        *,
+        *args: Any,
         kl_rules: Optional[Mapping[Tuple[type, type], Callable]] = None,
         plan_cache_size: int = 256,
         leave_one_out_baseline: bool = True,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            num_particles=num_particles,
-            max_plate_nesting=max_plate_nesting,
-            max_iarange_nesting=max_iarange_nesting,
-            vectorize_particles=vectorize_particles,
-            strict_enumeration_warning=strict_enumeration_warning,
-            ignore_jit_warnings=ignore_jit_warnings,
-            jit_options=jit_options,
-            retain_graph=retain_graph,
-            tail_adaptive_beta=tail_adaptive_beta,
-        )
+        super().__init__(*args, **kwargs)
         self.kl_rules = dict(kl_rules or {})
         self.leave_one_out_baseline = leave_one_out_baseline
-        self._plans = PlanCache(plan_cache_size)
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state.pop("_compiled", None)  # compiled graphs are rebuilt on demand
-        return state
+        #: The :class:`~pyro_markov_kl.plan_cache.PlanCache` of this instance: one
+        #: :class:`~pyro_markov_kl.plan.Plan` per trace structure (``len``, ``clear()``).
+        self.plan_cache = PlanCache(plan_cache_size)
 
     # --- traces ---------------------------------------------------------------
     def _get_unpruned_trace(self, model, guide, args, kwargs) -> Tuple[Trace, Trace]:
+        """
+        The guide's trace and the model's trace replayed on it, validated as
+        :func:`~pyro.infer.enum.get_importance_trace` validates them, but with
+        the subsample sites (the plan replays them) and without computing any
+        log-density: the plan decides which sites need one.
+        """
         if is_guide_messenger(guide):  # the guide runs the model: one run gives both traces
             model_trace, guide_trace = guide_messenger_traces(guide, args, kwargs)
         else:
@@ -142,47 +129,45 @@ class TraceMarkovKL_ELBO(ELBO):
     def _get_trace(self, model, guide, args, kwargs) -> Tuple[Trace, Trace]:
         """
         Returns a single trace from the guide, and the model that is run
-        against it, with subsample sites pruned.
+        against it, with subsample sites pruned; the guide trace carries the
+        plan of its structure as ``guide_trace.plan``.
         """
-        model_trace, guide_trace = self._get_unpruned_trace(model, guide, args, kwargs)
-        return prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)
+        return self._get_planned_trace(model, guide, args, kwargs, vectorized=False)
 
-    def _get_traces_and_plans(
-        self, model: Callable, guide: Callable, args: tuple, kwargs: dict
-    ) -> Iterator[Tuple[Trace, Trace, Plan]]:
+    def _get_vectorized_trace(self, model, guide, args, kwargs) -> Tuple[Trace, Trace]:
+        # ELBO wraps the model and guide afresh on every call: the plan cache is keyed on the
+        # caller's model and guide instead
+        return self._get_planned_trace(model, guide, args, kwargs, vectorized=True)
+
+    def _get_planned_trace(
+        self, model: Callable, guide: Callable, args: tuple, kwargs: dict, vectorized: bool
+    ) -> Tuple[Trace, Trace]:
+        traced_model, traced_guide = model, guide
+        if vectorized:
+            traced_model = self._vectorized_num_particles(model)
+            traced_guide = self._vectorized_num_particles(guide)
+        model_trace, guide_trace = self._get_unpruned_trace(
+            traced_model, traced_guide, args, kwargs
+        )
         # everything besides the program and its traces that a plan reads
         owner = (
             model,
             guide,
-            self.vectorize_particles,
+            vectorized,
             self.leave_one_out_baseline,
             tuple(self.kl_rules.items()),
         )
-        build = functools.partial(self._build_plan, model, guide, args, kwargs)
-        if self.vectorize_particles:
-            if self.max_plate_nesting == float("inf"):
-                self._guess_max_plate_nesting(model, guide, args, kwargs)
-            model = self._vectorized_num_particles(model)
-            guide = self._vectorized_num_particles(guide)
-            num_traces = 1
-        else:
-            num_traces = self.num_particles
-        for _ in range(num_traces):
-            model_trace, guide_trace = self._get_unpruned_trace(model, guide, args, kwargs)
-            plan = self._plans.get_or_build(
-                owner,
-                args,
-                kwargs,
-                model_trace,
-                guide_trace,
-                functools.partial(build, model_trace, guide_trace),
-            )
-            model_trace = prune_subsample_sites(model_trace)
-            guide_trace = prune_subsample_sites(guide_trace)
-            if is_validation_enabled():
-                for trace in (model_trace, guide_trace):
-                    check_site_shapes(trace, self.max_plate_nesting)
-            yield model_trace, guide_trace, plan
+        build = functools.partial(
+            self._build_plan, model, guide, args, kwargs, model_trace, guide_trace, vectorized
+        )
+        plan = self.plan_cache.get_or_build(owner, args, kwargs, model_trace, guide_trace, build)
+        model_trace = prune_subsample_sites(model_trace)
+        guide_trace = prune_subsample_sites(guide_trace)
+        if is_validation_enabled():
+            for trace in (model_trace, guide_trace):
+                check_site_shapes(trace, self.max_plate_nesting)
+        guide_trace.plan = plan
+        return model_trace, guide_trace
 
     # --- plans --------------------------------------------------------------------
     def _build_plan(
@@ -193,12 +178,13 @@ class TraceMarkovKL_ELBO(ELBO):
         kwargs: dict,
         model_trace: Trace,
         guide_trace: Trace,
+        vectorized: bool,
     ) -> Plan:
         # Sampled values that reach Python (.item(), bool(), an assert) make every later site
         # depend on every earlier one (ProgramDependencies.unknown), with vectorize_particles=True
         # too: the particles are one trace, so they cannot differ in structure.
         with outside_jit_trace():
-            if self.vectorize_particles:  # a plate of its own, made outside any JIT trace
+            if vectorized:  # a plate of its own, made outside any JIT trace
                 model = self._vectorized_num_particles(model)
                 guide = self._vectorized_num_particles(guide)
             if is_guide_messenger(guide):  # it runs the model itself
@@ -214,6 +200,7 @@ class TraceMarkovKL_ELBO(ELBO):
             model_deps,
             self.kl_rules,
             self.leave_one_out_baseline,
+            check_sites=not is_validation_enabled(),  # else checked in _get_unpruned_trace
         )
         if is_validation_enabled():
             warn_guide_order(plan)
@@ -226,22 +213,47 @@ class TraceMarkovKL_ELBO(ELBO):
         ``guide_parents``, ``model_parents`` and ``guide_descendants``.
         ``print(plan)`` shows it as a table. The same plan drives the loss.
 
-        :returns: the :class:`~pyro_markov_kl.plan.Plan`
+        :returns: the :class:`~pyro_markov_kl.records.Plan`
         """
         with poutine.block():
-            for _, _, plan in self._get_traces_and_plans(model, guide, args, kwargs):
-                return plan
+            for _, guide_trace in self._get_traces(model, guide, args, kwargs):
+                return guide_trace.plan
         raise ValueError("num_particles must be at least 1")
 
     # --- estimators ----------------------------------------------------------------
+    def loss(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
+        """
+        :returns: an estimate of the negative ELBO
+        :rtype: float
+
+        Evaluates the ELBO with an estimator that uses ``num_particles`` samples.
+        Like TraceGraph_ELBO's, it leaves the param store alone: no
+        score-function term is formed, so no baseline is updated.
+        """
+        loss = 0.0
+        with torch.no_grad():
+            for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+                loss_particle, _ = self._differentiable_loss_particle(
+                    model_trace, guide_trace, surrogate=False
+                )
+                loss += loss_particle / self.num_particles
+        warn_if_nan(loss, "loss")
+        return loss
+
     def _differentiable_loss_particle(
-        self, model_trace: Trace, guide_trace: Trace, plan: Plan, surrogate: bool = True
+        self, model_trace: Trace, guide_trace: Trace, surrogate: bool = True
     ) -> Tuple[Any, Any]:
         """
-        The loss and the surrogate loss of one particle; with ``surrogate=False``
-        the surrogate loss is ``None`` and no score-function term or baseline is
-        computed (baselines update their state in the param store).
+        The loss and the surrogate loss of one particle, following the plan
+        that :meth:`_get_trace` attached to ``guide_trace``: one term per site
+        (:func:`~pyro_markov_kl.terms.elbo_terms`), summed, plus the
+        score-function terms and baselines of the non-reparameterised sites
+        (:func:`~pyro_markov_kl.score_function.score_function_terms`). With
+        ``surrogate=False`` the surrogate loss is ``None`` and no score-function
+        term or baseline is computed (baselines update their state in the
+        param store).
         """
+        plan = guide_trace.plan
         terms = elbo_terms(plan, model_trace, guide_trace)
         elbo_particle, surrogate_elbo_particle = sum_terms(terms)
         surrogate_loss = None
@@ -258,78 +270,8 @@ class TraceMarkovKL_ELBO(ELBO):
             loss = -elbo_particle
         return loss, surrogate_loss
 
-    def loss(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
-        """
-        :returns: an estimate of the negative ELBO
-        :rtype: float
-
-        Evaluates the ELBO with an estimator that uses ``num_particles`` samples.
-        Like TraceGraph_ELBO's, it leaves the param store alone: no
-        score-function term is formed, so no baseline is updated.
-        """
-        loss = 0.0
-        with torch.no_grad():
-            for model_trace, guide_trace, plan in self._get_traces_and_plans(
-                model, guide, args, kwargs
-            ):
-                loss_particle, _ = self._differentiable_loss_particle(
-                    model_trace, guide_trace, plan, surrogate=False
-                )
-                loss += loss_particle / self.num_particles
-        warn_if_nan(loss, "loss")
-        return loss
-
-    def differentiable_loss(self, model: Callable, guide: Callable, *args, **kwargs):
-        """
-        Computes the surrogate loss that can be differentiated with autograd
-        to produce gradient estimates for the model and guide parameters.
-        """
-        loss, surrogate_loss = self._loss_and_surrogate_loss(model, guide, args, kwargs)
-        warn_if_nan(surrogate_loss, "loss")
-        return loss + (surrogate_loss - torch_item(surrogate_loss))
-
-    def _loss_and_surrogate_loss(
-        self, model: Callable, guide: Callable, args: tuple, kwargs: dict
-    ) -> Tuple[Any, Any]:
-        """The loss and the surrogate loss, averaged over particles."""
-        loss = 0.0
-        surrogate_loss = 0.0
-        for model_trace, guide_trace, plan in self._get_traces_and_plans(
-            model, guide, args, kwargs
-        ):
-            loss_particle, surrogate_particle = self._differentiable_loss_particle(
-                model_trace, guide_trace, plan
-            )
-            loss = loss + loss_particle / self.num_particles
-            surrogate_loss = surrogate_loss + surrogate_particle / self.num_particles
-        return loss, surrogate_loss
-
-    def loss_and_grads(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
-        """
-        :returns: an estimate of the negative ELBO
-        :rtype: float
-
-        Computes the ELBO and the surrogate ELBO used to form the gradient
-        estimator, and performs backward on the latter.
-        """
-        loss = 0.0
-        for model_trace, guide_trace, plan in self._get_traces_and_plans(
-            model, guide, args, kwargs
-        ):
-            loss_particle, surrogate_particle = self._differentiable_loss_particle(
-                model_trace, guide_trace, plan
-            )
-            loss += loss_particle / self.num_particles
-            trainable_params = any(
-                site["type"] == "param"
-                for trace in (model_trace, guide_trace)
-                for site in trace.nodes.values()
-            )
-            if trainable_params and getattr(surrogate_particle, "requires_grad", False):
-                surrogate_particle = surrogate_particle / self.num_particles
-                surrogate_particle.backward(retain_graph=self.retain_graph)
-        warn_if_nan(loss, "loss")
-        return loss
+    # differentiable_loss() and loss_and_grads() are Trace_ELBO's: the particle loops over
+    # _get_traces() and _differentiable_loss_particle()
 
 
 class GuideOrderWarning(UserWarning):
@@ -379,8 +321,10 @@ def check_site_shapes(trace: Trace, max_plate_nesting: float) -> None:
     Pyro's :func:`~pyro.util.check_site_shape` at every sample site, as
     :func:`pyro.infer.enum.get_importance_trace` runs it for Trace_ELBO under
     validation, from the shape of each site's ``log_prob`` (broadcast from the
-    batch shape and the value's shape; computed only where that fails, to
-    raise the distribution's own error), without computing it.
+    batch shape, the value's shape and the shapes of a tensor ``scale`` and
+    ``mask``, which :func:`~pyro.distributions.util.scale_and_mask` broadcasts;
+    computed only where that fails, to raise the distribution's own error),
+    without computing it.
 
     :raises ValueError: Pyro's errors (``invalid log_prob shape``, ``plate stack
         overflow``, ``dim collision``)
@@ -396,6 +340,9 @@ def check_site_shapes(trace: Trace, max_plate_nesting: float) -> None:
                 shape = torch.broadcast_shapes(fn.batch_shape, batch)
             except (AttributeError, RuntimeError):
                 shape = fn.log_prob(value).shape
+            for factor in (site["scale"], site["mask"]):  # scale_and_mask broadcasts
+                if torch.is_tensor(factor):
+                    shape = torch.broadcast_shapes(shape, factor.shape)
             site = dict(site, log_prob=torch.empty(shape, device="meta"))
         check_site_shape(site, max_plate_nesting)
 
@@ -409,23 +356,70 @@ def _arg_shapes(args: Any) -> tuple:
     return ()
 
 
-class JitTraceMarkovKL_ELBO(TraceMarkovKL_ELBO):
+class CompiledGraphs:
+    """
+    The compiled graphs of a JIT twin, one :func:`pyro.ops.jit.trace` function
+    per model/guide pair, each holding a graph per number of arguments, set of
+    ``**kwargs`` and set of tensor argument shapes; they are dropped on
+    pickling and rebuilt on demand.
+    """
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_compiled", None)
+        return state
+
+    @property
+    def num_compiled(self) -> int:
+        """The number of graphs compiled so far, over all model/guide pairs."""
+        return sum(len(f.compiled) for f in self.__dict__.get("_compiled", {}).values())
+
+    @property
+    def compile_seconds(self) -> float:
+        """
+        The wall time of the calls that compiled a graph (each traces the
+        program, analyses it on a plan-cache miss, compiles and runs once).
+        """
+        return self.__dict__.get("_compile_seconds", 0.0)
+
+    def _call_compiled(
+        self, model: Callable, guide: Callable, make_compiled: Callable[[], Callable], args, kwargs
+    ) -> Any:
+        compiled = self.__dict__.setdefault("_compiled", {})
+        key = (model, guide)  # bound methods compare equal across attribute lookups
+        if key not in compiled:
+            compiled[key] = make_compiled()
+        # Pyro's compiler keys on len(args) and kwargs; the argument shapes decide the
+        # structure (e.g. the sequence length), so a new shape must compile a new graph
+        count = self.num_compiled
+        start = time.perf_counter()
+        result = compiled[key](*args, _pmkl_arg_shapes=_arg_shapes(args), **kwargs)
+        if self.num_compiled > count:
+            self._compile_seconds = self.compile_seconds + time.perf_counter() - start
+        return result
+
+
+class JitTraceMarkovKL_ELBO(CompiledGraphs, TraceMarkovKL_ELBO, JitTrace_ELBO):
     """
     Like :class:`TraceMarkovKL_ELBO` but uses :func:`pyro.ops.jit.trace` to
-    compile the loss and surrogate loss, once per model/guide pair and per
-    set of non-tensor arguments.
+    compile the loss and surrogate loss, as
+    :class:`~pyro.infer.trace_elbo.JitTrace_ELBO` does for
+    :class:`~pyro.infer.trace_elbo.Trace_ELBO` (whose ``differentiable_loss``
+    and ``loss_and_grads`` it inherits), once per model/guide pair and per
+    set of non-tensor arguments and tensor argument shapes.
 
     The dependency analysis runs eagerly, before compilation, on the first
     call (Pyro's compiler first runs the function once to capture parameters),
-    so the compiled graph contains only the ELBO's own computation. The
-    restrictions of Pyro's :class:`~pyro.infer.trace_elbo.JitTrace_ELBO`
-    apply:
+    so the compiled graph contains only the ELBO's own computation; the plan
+    is then fixed for that graph. ``loss()`` is :class:`TraceMarkovKL_ELBO`'s,
+    eager, as JitTrace_ELBO's is Trace_ELBO's. The restrictions of
+    JitTrace_ELBO apply:
 
     -   Models must have static structure given the shapes of their tensor
         arguments: a graph is compiled for each model/guide pair, number of
         arguments, set of ``**kwargs`` and set of argument shapes (so a new
         sequence length compiles a new graph, with its own plan), and reused
-        for every call that matches.
+        for every call that matches (:attr:`num_compiled` counts them).
     -   Arguments must be tensors or (nested) tuples of tensors for
         :func:`torch.jit.trace`: a ``PackedSequence`` whose index fields are
         ``None`` (as the DMM example passes) cannot be traced.
@@ -439,11 +433,8 @@ class JitTraceMarkovKL_ELBO(TraceMarkovKL_ELBO):
 
     def loss_and_surrogate_loss(self, model: Callable, guide: Callable, *args, **kwargs):
         """:returns: the loss and the surrogate loss, as tensors"""
-        compiled = getattr(self, "_compiled", None)
-        if compiled is None:
-            compiled = self._compiled = {}
-        key = (model, guide)  # bound methods compare equal across attribute lookups
-        if key not in compiled:
+
+        def make_compiled() -> Callable:
             weakself = weakref.ref(self)
 
             @pyro.ops.jit.trace(
@@ -451,27 +442,23 @@ class JitTraceMarkovKL_ELBO(TraceMarkovKL_ELBO):
             )
             def loss_and_surrogate_loss(*args, **kwargs):
                 kwargs.pop("_pmkl_arg_shapes")
-                return weakself()._loss_and_surrogate_loss(model, guide, args, kwargs)
+                self = weakself()
+                loss = 0.0
+                surrogate_loss = 0.0
+                for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+                    loss_particle, surrogate_particle = self._differentiable_loss_particle(
+                        model_trace, guide_trace
+                    )
+                    loss = loss + loss_particle / self.num_particles
+                    surrogate_loss = surrogate_loss + surrogate_particle / self.num_particles
+                return loss, surrogate_loss
 
-            compiled[key] = loss_and_surrogate_loss
-        # Pyro's compiler keys on len(args) and kwargs; the argument shapes decide the
-        # structure (e.g. the sequence length), so a new shape must compile a new graph
-        return compiled[key](*args, _pmkl_arg_shapes=_arg_shapes(args), **kwargs)
+            return loss_and_surrogate_loss
 
-    def differentiable_loss(self, model: Callable, guide: Callable, *args, **kwargs):
-        loss, surrogate_loss = self.loss_and_surrogate_loss(model, guide, *args, **kwargs)
-        warn_if_nan(loss, "loss")
-        return loss + (surrogate_loss - surrogate_loss.detach())
-
-    def loss_and_grads(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
-        loss, surrogate_loss = self.loss_and_surrogate_loss(model, guide, *args, **kwargs)
-        surrogate_loss.backward(retain_graph=self.retain_graph)
-        loss = loss.item()
-        warn_if_nan(loss, "loss")
-        return loss
+        return self._call_compiled(model, guide, make_compiled, args, kwargs)
 
     # loss() is TraceMarkovKL_ELBO's, eager, as JitTrace_ELBO's is Trace_ELBO's: it forms no
     # score-function terms, so it updates no baseline in the param store
 
 
-__all__ = ["GuideOrderWarning", "JitTraceMarkovKL_ELBO", "TraceMarkovKL_ELBO"]
+__all__ = ["CompiledGraphs", "GuideOrderWarning", "JitTraceMarkovKL_ELBO", "TraceMarkovKL_ELBO"]

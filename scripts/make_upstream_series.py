@@ -206,10 +206,12 @@ What follows: TraceMarkovKL_ELBO (patch 4).""",
             **_sub(
                 "dependencies",
                 "guide_messenger",
+                "sites",
                 "terms",
-                "plan",
+                "records",
                 "plan_cache",
                 "score_function",
+                "plan",
             ),
             "trace_markov_kl_elbo": "pyro/infer/trace_markov_kl_elbo.py",
         },
@@ -320,7 +322,10 @@ What follows: TraceEnumMarkovKL_ELBO (patch 6).""",
         slug="trace-enum-markov-kl-elbo",
         title="Add TraceEnumMarkovKL_ELBO: TraceEnum_ELBO with the analytic KL of each "
         "site where it is unbiased",
-        modules={"trace_enum_markov_kl_elbo": "pyro/infer/trace_enum_markov_kl_elbo.py"},
+        modules={
+            **_sub("enum_plan"),
+            "trace_enum_markov_kl_elbo": "pyro/infer/trace_enum_markov_kl_elbo.py",
+        },
         exports={
             "JitTraceEnumMarkovKL_ELBO": "JitTraceGraph_ELBO",
             "TraceEnumMarkovKL_ELBO": "TraceEnum_ELBO",
@@ -374,6 +379,7 @@ LEFT_OUT_TESTS = {
     "test_data": "tests the bundled JSB Chorales data (pyro_markov_kl.data)",
     "test_example_dmm": "runs the bundled DMM example on the bundled data",
     "test_compare": "tests pyro_markov_kl.compare and the DMM comparison example",
+    "test_layout": "checks this repository's import graph (scripts/import_graph.py)",
     "test_distributed": "trains the bundled DMM on the bundled data with torch.distributed",
     "test_property": "needs hypothesis, which is not one of Pyro's test dependencies",
     "test_property_discrete": "needs hypothesis, which is not one of Pyro's test dependencies",
@@ -569,6 +575,8 @@ class TreeState:
                 k = INFER_EXPORTS[name]
                 return ("pyro.infer", "") if k <= self.k else (None, f"{name} (patch {k})")
             module = f"{OUR_PACKAGE}.{ROOT_EXPORTS[name]}"
+            if never_available(module):
+                return None, f"{module} (stays in pyro-markov-kl)"
         if module != OUR_PACKAGE and not module.startswith(OUR_PACKAGE + "."):
             return "", ""
         first = module[len(OUR_PACKAGE) + 1 :].split(".")[0]

@@ -200,12 +200,12 @@ def test_guide_changing_structure_between_steps_gets_a_new_plan():
     assert elbo.explain(model, guide).analytic_sites() == ("a", "b")
     flip["backward"] = True
     plan = elbo.explain(model, guide)
-    assert len(elbo._plans) == 2
+    assert len(elbo.plan_cache) == 2
     assert plan.sites["b"].estimator == "mc"  # its model parent a depends on it in the guide
     assert plan.sites["a"].estimator == "analytic"
     flip["backward"] = False
     assert elbo.explain(model, guide).analytic_sites() == ("a", "b")  # the first plan again
-    assert len(elbo._plans) == 2
+    assert len(elbo.plan_cache) == 2
 
 
 def test_same_seed_same_loss_and_gradients_bit_for_bit():

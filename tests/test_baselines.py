@@ -172,9 +172,9 @@ def test_a_baseline_over_the_plate_would_be_biased_there():
     rec = plan.sites["k"]
     assert [f.name for f in rec.baseline_frames] == ["num_particles_vectorized"]
     forced = replace(rec, baseline_frames=(frame("n", -1, len(DATA)),))
-    elbo._plans.check_at, elbo._plans.check_every = (), 0  # keep the altered plan
-    for key in list(elbo._plans):  # the cached plan the loss will use
-        elbo._plans[key] = replace(plan, sites={**plan.sites, "k": forced})
+    elbo.plan_cache.check_at, elbo.plan_cache.check_every = (), 0  # keep the altered plan
+    for key in list(elbo.plan_cache):  # the cached plan the loss will use
+        elbo.plan_cache[key] = replace(plan, sites={**plan.sites, "k": forced})
     z = _check_against_exact(elbo)
     assert z.max() > 10, z
 
@@ -224,7 +224,7 @@ def test_jit_unbiased():
     z = _check_against_exact(elbo)
     assert (z < 5).all(), z
     # the analysis ran once: the traced run found the plan of the eager first run
-    (plan,) = elbo._plans.values()
+    (plan,) = elbo.plan_cache.values()
     assert plan.sites["k"].baseline_frames
 
 

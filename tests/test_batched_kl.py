@@ -84,9 +84,9 @@ def test_batched_loss_equals_unbatched_loss():
     pyro.set_rng_seed(0)
     batched = elbo.differentiable_loss(markov_model, markov_guide, data, mask)
     unbatched_plan = plan.__class__(**{**plan.__dict__, "kl_groups": ()})
-    key = next(iter(elbo._plans))
-    elbo._plans.check_at, elbo._plans.check_every = (), 0  # keep the altered plan
-    elbo._plans[key] = unbatched_plan
+    key = next(iter(elbo.plan_cache))
+    elbo.plan_cache.check_at, elbo.plan_cache.check_every = (), 0  # keep the altered plan
+    elbo.plan_cache[key] = unbatched_plan
     pyro.set_rng_seed(0)
     unbatched = elbo.differentiable_loss(markov_model, markov_guide, data, mask)
     assert torch.allclose(batched, unbatched, rtol=1e-6, atol=1e-5)

@@ -310,8 +310,25 @@ def _lkj():
     return model, guide, 'at site "theta", invalid log_prob shape'
 
 
+def _mask_beyond_plates():
+    """A guide mask with a dimension no plate declares: scale_and_mask broadcasts log_prob."""
+
+    def model():
+        with pyro.plate("n", 3):
+            k = pyro.sample("k", dist.Bernoulli(0.3))
+            pyro.sample("x", dist.Normal(k, 1.0), obs=torch.ones(3))
+
+    def guide():
+        p = pyro.param("p", torch.full((3,), 0.5), constraint=constraints.unit_interval)
+        with pyro.plate("n", 3), poutine.mask(mask=torch.tensor([[True, False, True]] * 2)):
+            pyro.sample("k", dist.Bernoulli(p))
+
+    return model, guide, 'at site "k", invalid log_prob shape'
+
+
 @pytest.mark.parametrize(
-    "case", [_dim_mismatch, _shape_mismatch, _nested_plate_1, _nested_plate_3, _lkj]
+    "case",
+    [_dim_mismatch, _shape_mismatch, _nested_plate_1, _nested_plate_3, _lkj, _mask_beyond_plates],
 )
 def test_shape_errors_as_in_trace_elbo(case):
     model, guide, phrase = case()

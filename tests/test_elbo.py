@@ -14,11 +14,11 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
-from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import SVI, JitTrace_ELBO, Trace_ELBO, TraceMeanField_ELBO
 from pyro.optim import ClippedAdam
 from torch import nn
 
-from pyro_markov_kl import TraceMarkovKL_ELBO
+from pyro_markov_kl import JitTraceMarkovKL_ELBO, TraceMarkovKL_ELBO
 
 # backward guides are part of these tests: TraceMarkovKL_ELBO's GuideOrderWarning (issue 13) is
 # expected here, and Pyro's test configuration turns warnings into errors
@@ -191,9 +191,9 @@ def test_plan_cache_recomputes_when_structure_changes():
     elbo = TraceMarkovKL_ELBO()
     elbo.loss(model, guide, torch.zeros(3))
     elbo.loss(model, guide, torch.ones(3))
-    assert len(elbo._plans) == 1
+    assert len(elbo.plan_cache) == 1
     plan = elbo.explain(model, guide, torch.zeros(5))
-    assert len(elbo._plans) == 2
+    assert len(elbo.plan_cache) == 2
     assert set(plan.sites) == {f"z_{t}" for t in range(5)}
     assert plan.analytic_sites() == tuple(f"z_{t}" for t in range(5))
 
@@ -291,7 +291,41 @@ def test_pickles_after_use():
 
     elbo = TraceMarkovKL_ELBO(num_particles=2)
     elbo.loss(model, guide)
-    assert len(elbo._plans) == 1
+    assert len(elbo.plan_cache) == 1
     copy = pickle.loads(pickle.dumps(elbo))
-    assert copy.num_particles == 2 and len(copy._plans) == 0
+    assert copy.num_particles == 2 and len(copy.plan_cache) == 0
     assert math.isfinite(copy.loss(model, guide))
+
+
+def test_thin_subclass_of_trace_elbo():
+    """
+    The ELBO is Trace_ELBO with two hooks replaced, as TraceMeanField_ELBO is: the
+    particle loops (differentiable_loss, loss_and_grads) are Trace_ELBO's.
+    """
+    assert issubclass(TraceMarkovKL_ELBO, Trace_ELBO)
+    assert issubclass(JitTraceMarkovKL_ELBO, JitTrace_ELBO)
+    assert TraceMarkovKL_ELBO.differentiable_loss is Trace_ELBO.differentiable_loss
+    assert TraceMarkovKL_ELBO.loss_and_grads is Trace_ELBO.loss_and_grads
+    assert JitTraceMarkovKL_ELBO.loss is TraceMarkovKL_ELBO.loss  # eager, as JitTrace_ELBO's
+
+
+def test_vectorized_particles_share_one_plan():
+    """Pyro wraps the model and guide afresh each call: the cache is keyed on the caller's."""
+
+    def model():
+        with pyro.plate("n", 3):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=torch.zeros(3))
+
+    def guide():
+        loc = pyro.param("loc", torch.zeros(3))
+        with pyro.plate("n", 3):
+            pyro.sample("z", dist.Normal(loc, 1.0))
+
+    pyro.clear_param_store()
+    elbo = TraceMarkovKL_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1)
+    for _ in range(3):
+        elbo.loss_and_grads(model, guide)
+    assert len(elbo.plan_cache) == 1
+    assert elbo.explain(model, guide).analytic_sites() == ("z",)
+    assert len(elbo.plan_cache) == 1

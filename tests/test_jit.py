@@ -38,16 +38,15 @@ def test_compiles_once_and_matches_eager():
     eager = TraceMarkovKL_ELBO()
     for _ in range(3):
         jit_elbo.loss_and_grads(model, guide, data, annealing)
-    (compiled,) = jit_elbo._compiled.values()
-    assert len(compiled.compiled) == 1  # a second and third call did not retrace
-    assert len(jit_elbo._plans) == 1
+    assert jit_elbo.num_compiled == 1  # a second and third call did not retrace
+    assert len(jit_elbo.plan_cache) == 1
 
     # the compiled estimator draws from the same distribution as the eager one: compare means
     jit_losses = torch.tensor([jit_elbo.loss(model, guide, data, annealing) for _ in range(400)])
     eager_losses = torch.tensor([eager.loss(model, guide, data, annealing) for _ in range(400)])
     se = (jit_losses.var() / 400 + eager_losses.var() / 400).sqrt()
     assert (jit_losses.mean() - eager_losses.mean()).abs() < 5 * se
-    assert len(compiled.compiled) == 1
+    assert jit_elbo.num_compiled == 1
 
 
 def test_gradients_match_eager_for_the_same_draw():
@@ -73,7 +72,7 @@ def test_new_structure_gets_new_plan(T):
     elbo = JitTraceMarkovKL_ELBO(ignore_jit_warnings=True)
     loss = elbo.differentiable_loss(model, guide, torch.zeros(T), torch.tensor(1.0)).item()
     assert torch.isfinite(torch.tensor(loss))
-    (plan,) = elbo._plans.values()
+    (plan,) = elbo.plan_cache.values()
     assert set(plan.sites) == {f"z_{t}" for t in range(T)}
 
 
@@ -99,8 +98,7 @@ def test_new_sequence_length_compiles_a_new_graph():
         eager_losses = torch.tensor([eager.loss(model, guide_max8, data, one) for _ in range(200)])
         se = (jit_losses.var() / 200 + eager_losses.var() / 200).sqrt()
         assert (jit_losses.mean() - eager_losses.mean()).abs() < 5 * se, T
-    (compiled,) = elbo._compiled.values()
-    assert len(compiled.compiled) == 2  # one graph per length, the first one reused
+    assert elbo.num_compiled == 2  # one graph per length, the first one reused
 
 
 def test_no_tracer_warnings_from_the_estimator():
@@ -181,3 +179,24 @@ def test_loss_does_not_write_to_the_param_store():
     for _ in range(3):
         elbo.loss(model, guide)
     assert set(pyro.get_param_store().keys()) == {"p"}
+
+
+def test_compile_count_and_time_and_pickling():
+    import pickle
+
+    pyro.clear_param_store()
+    elbo = JitTraceMarkovKL_ELBO(ignore_jit_warnings=True)
+    assert elbo.num_compiled == 0 and elbo.compile_seconds == 0.0
+    data = torch.tensor([0.3, -0.2, 1.0, 0.5])
+    one = torch.tensor(1.0)
+    elbo.differentiable_loss(model, guide, data, one)
+    first = elbo.compile_seconds
+    assert elbo.num_compiled == 1 and first > 0.0
+    elbo.differentiable_loss(model, guide, data, one)  # no compilation: the time stays
+    assert elbo.num_compiled == 1 and elbo.compile_seconds == first
+    elbo.differentiable_loss(model, guide, data[:3], one)  # a new shape compiles a graph
+    assert elbo.num_compiled == 2 and elbo.compile_seconds > first
+    copy = pickle.loads(pickle.dumps(elbo))  # compiled graphs are dropped, rebuilt on demand
+    assert copy.num_compiled == 0
+    assert torch.isfinite(copy.differentiable_loss(model, guide, data, one))
+    assert copy.num_compiled == 1

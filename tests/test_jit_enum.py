@@ -51,15 +51,14 @@ def test_compiles_once_and_analyses_once():
     for _ in range(3):
         jit_elbo.loss_and_grads(model, guide, DATA)
     jit_elbo.loss(model, guide, DATA)  # the same graph serves the loss
-    (compiled,) = jit_elbo._compiled.values()
-    assert len(compiled.compiled) == 1  # no retracing on later calls
-    assert len(jit_elbo._plans) == 1  # the traced run found the eager run's plan
+    assert jit_elbo.num_compiled == 1  # no retracing on later calls
+    assert len(jit_elbo.plan_cache) == 1  # the traced run found the eager run's plan
     plan = jit_elbo.explain(model, guide, DATA)
     assert set(plan.analytic_sites()) == {f"z_{t}" for t in range(len(DATA))}
     assert plan.model_enumerated == tuple(f"x_{t}" for t in range(len(DATA)))
     # a new shape compiles a new graph, with its own plan
     jit_elbo.loss(model, guide, DATA[:3])
-    assert len(compiled.compiled) == 2
+    assert jit_elbo.num_compiled == 2
 
 
 def test_same_seed_same_loss_and_gradients_as_eager():

@@ -217,4 +217,4 @@ def test_stable_program_is_not_reported():
         warnings.simplefilter("error", StalePlanWarning)
         for _ in range(130):
             elbo.loss(switch_model, switch_guide, x, _Config(True))
-    assert len(elbo._plans) == 1 and not elbo._plans._volatile
+    assert len(elbo.plan_cache) == 1 and not elbo.plan_cache._volatile

@@ -522,9 +522,9 @@ def test_without_the_plate_sums_the_comparison_fails(seed: int):
         name: replace(rec, downstream_summed=tuple(frozenset() for _ in rec.downstream_summed))
         for name, rec in plan.sites.items()
     }
-    elbo._plans.check_at, elbo._plans.check_every = (), 0  # keep the altered plan
-    for key in list(elbo._plans):  # the cached plan the loss will use
-        elbo._plans[key] = replace(plan, sites=unsummed)
+    elbo.plan_cache.check_at, elbo.plan_cache.check_every = (), 0  # keep the altered plan
+    for key in list(elbo.plan_cache):  # the cached plan the loss will use
+        elbo.plan_cache[key] = replace(plan, sites=unsummed)
     before = _stats(elbo, program, 1000 * seed + WITHOUT_SUMS)
     z_loss, z_grad = _z_scores(before, ref)
     assert z_loss < N_SE  # the loss is an average of ELBO samples: unbiased

@@ -190,10 +190,10 @@ def test_costs_reused_along_a_chain():
         return torch.autograd.grad(elbo.differentiable_loss(ssm.model, ssm.guide, x), params)
 
     reused = grads()
-    (key,) = list(elbo._plans)
-    elbo._plans.check_at, elbo._plans.check_every = (), 0  # keep the altered plan
+    (key,) = list(elbo.plan_cache)
+    elbo.plan_cache.check_at, elbo.plan_cache.check_every = (), 0  # keep the altered plan
     sites = {n: replace(r, cost_base=None) for n, r in plan.sites.items()}
-    elbo._plans[key] = replace(plan, sites=sites)
+    elbo.plan_cache[key] = replace(plan, sites=sites)
     summed = grads()
     for a, b in zip(reused, summed):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)

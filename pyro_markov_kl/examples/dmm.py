@@ -82,6 +82,7 @@ from pyro.optim import ClippedAdam
 from torch.nn.utils.rnn import PackedSequence
 from tqdm.auto import tqdm
 
+from pyro_markov_kl import JitTraceMarkovKL_ELBO, TraceMarkovKL_ELBO
 from pyro_markov_kl.data import (
     SPLITS,
     PolyphonicDataError,
@@ -454,8 +455,6 @@ def build_elbo(
     """
     cls: Any
     if name == "markov-kl":
-        from pyro_markov_kl import JitTraceMarkovKL_ELBO, TraceMarkovKL_ELBO
-
         cls = JitTraceMarkovKL_ELBO if jit else TraceMarkovKL_ELBO
     elif name == "trace":
         cls = JitTrace_ELBO if jit else Trace_ELBO

@@ -46,6 +46,7 @@ import pyro
 import torch
 from pyro.infer import SVI
 
+from pyro_markov_kl.compare import compare_elbos
 from pyro_markov_kl.data import get_mini_batch, load_jsb_chorales
 from pyro_markov_kl.examples.dmm import (
     DMM,
@@ -160,8 +161,6 @@ def train_with_elbo(
         ``grad_var[<estimator>]`` with ``args.compare``); missing values are NaN.
     :rtype: list
     """
-    from pyro_markov_kl.compare import compare_elbos
-
     data = _load_data(args) if data is None else data
     train = data["train"]
     sequences, lengths = train["sequences"], train["sequence_lengths"]

@@ -78,7 +78,7 @@ parameters with ``--weight-decay`` as its L2 penalty, element-wise gradient clip
 where Adam's ``eps`` enters and whether the first step is already decayed. Clipping acts on the
 all-reduced, identical gradients, so the ranks stay in step. Each rank's
 :class:`~pyro_markov_kl.trace_markov_kl_elbo.TraceMarkovKL_ELBO` caches its own plans
-(``elbo._plans``), one per trace structure; shards of one mini-batch have different lengths, so
+(``elbo.plan_cache``), one per trace structure; shards of one mini-batch have different lengths, so
 ranks may build different plans, which involves no communication. The per-epoch training loss is
 all-reduced and printed by rank 0 only; the validation/test NLL bounds are computed on shards of
 those sets and all-reduced likewise.

@@ -17,8 +17,6 @@ Usage::
 
     python -m pyro_markov_kl.examples.dmm_gradient_variance
     python -m pyro_markov_kl.examples.dmm_gradient_variance --guide backward --plot compare.png
-
-(formerly ``python -m pyro_markov_kl.compare``, which forwards here).
 """
 
 import argparse
@@ -30,9 +28,14 @@ from typing import Optional, Sequence
 
 import pyro
 import torch
+from pyro.infer import SVI, TraceGraph_ELBO
 from pyro.infer.elbo import ELBO
+from pyro.optim import ClippedAdam
 
+from pyro_markov_kl import TraceMarkovKL_ELBO
 from pyro_markov_kl.compare import ELBOComparison, compare_elbos
+from pyro_markov_kl.data import get_mini_batch, load_jsb_chorales
+from pyro_markov_kl.examples.dmm import DMM, build_elbo
 
 __all__ = ["main", "make_parser"]
 
@@ -123,19 +126,13 @@ def make_parser() -> argparse.ArgumentParser:
 
 def _build_named_elbo(name: str, num_particles: int) -> ELBO:
     if name == "tracegraph":
-        from pyro.infer import TraceGraph_ELBO
-
         return TraceGraph_ELBO(num_particles=num_particles, max_plate_nesting=1)
-    from pyro_markov_kl.examples.dmm import build_elbo
-
     return build_elbo(name, num_particles=num_particles)
 
 
 def _jsb_batch(
     sequences: torch.Tensor, lengths: torch.Tensor, indices: torch.Tensor, max_steps: int
 ) -> tuple:
-    from pyro_markov_kl.data import get_mini_batch
-
     if max_steps > 0:
         lengths = lengths.clamp(max=max_steps)
         sequences = sequences[:, :max_steps]
@@ -151,12 +148,6 @@ def main(argv: Optional[Sequence[str]] = None) -> ELBOComparison:
     :return: the comparison.
     :rtype: pyro_markov_kl.compare.ELBOComparison
     """
-    from pyro.infer import SVI
-    from pyro.optim import ClippedAdam
-
-    from pyro_markov_kl.data import load_jsb_chorales
-    from pyro_markov_kl.examples.dmm import DMM
-
     args = make_parser().parse_args(argv)
     if args.full_size:
         for key, value in _FULL_SIZE.items():
@@ -197,8 +188,6 @@ def main(argv: Optional[Sequence[str]] = None) -> ELBOComparison:
             # TraceMeanField_ELBO warns that the guide's site order is not the model's
             warnings.filterwarnings("ignore", message="Failed to verify mean field restriction")
         if args.train_steps > 0:
-            from pyro_markov_kl import TraceMarkovKL_ELBO
-
             optim = ClippedAdam(
                 {
                     "lr": args.learning_rate,

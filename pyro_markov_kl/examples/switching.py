@@ -36,6 +36,8 @@ from pyro.infer import SVI, Trace_ELBO, TraceGraph_ELBO
 from pyro.optim import ClippedAdam
 from torch import nn
 
+from pyro_markov_kl import TraceMarkovKL_ELBO
+
 TRUE_PARAMS = dict(
     stay=torch.tensor([0.9, 0.8]),
     a=torch.tensor([0.95, -0.5]),
@@ -115,8 +117,6 @@ def build_elbo(name: str, num_particles: int = 1) -> pyro.infer.ELBO:
         num_particles=num_particles, vectorize_particles=num_particles > 1, max_plate_nesting=1
     )
     if name == "markov-kl":
-        from pyro_markov_kl import TraceMarkovKL_ELBO
-
         return TraceMarkovKL_ELBO(**kw)
     if name == "tracegraph":
         return TraceGraph_ELBO(**kw)
