@@ -887,6 +887,26 @@ def inner_imports(node: ast.AST) -> List[Tuple[str, str]]:
     ] + [(a.name, "") for sub in ast.walk(node) if isinstance(sub, ast.Import) for a in sub.names]
 
 
+_USES: Dict[int, Tuple[set, List[Tuple[str, str]]]] = {}
+
+
+def node_uses(node: ast.stmt) -> Tuple[set, List[Tuple[str, str]]]:
+    """:func:`referenced_names` and :func:`inner_imports` of a statement, computed once."""
+    if id(node) not in _USES:
+        _USES[id(node)] = (referenced_names(node), inner_imports(node))
+    return _USES[id(node)]
+
+
+_PARSED: Dict[str, ast.Module] = {}
+
+
+def parse(source: str) -> ast.Module:
+    """``ast.parse``, once per source text (the trees are never modified)."""
+    if source not in _PARSED:
+        _PARSED[source] = ast.parse(source)
+    return _PARSED[source]
+
+
 def filter_test_source(source: str, state: TreeState, what: str) -> Tuple[str, Dict[str, str]]:
     """
     ``source`` without what needs something the tree does not hold at this state: such
@@ -895,7 +915,7 @@ def filter_test_source(source: str, state: TreeState, what: str) -> Tuple[str, D
 
     :returns: the text, and removed definition -> what it needs
     """
-    tree = ast.parse(source)
+    tree = parse(source)
     lines = source.splitlines(keepends=True)
     missing: Dict[str, str] = {}  # unavailable name -> why
     replace: Dict[Tuple[int, int], str] = {}
@@ -922,10 +942,11 @@ def filter_test_source(source: str, state: TreeState, what: str) -> Tuple[str, D
             handled.add(id(node))
 
     def needs(node: ast.stmt) -> Optional[str]:
-        for name in sorted(referenced_names(node)):
+        refs, inner = node_uses(node)
+        for name in sorted(refs):
             if name in missing:
                 return missing[name]
-        for module, name in inner_imports(node):
+        for module, name in inner:
             if never_available(module):
                 return module
             if name and state.locate(module, name)[0] is None:
@@ -1142,7 +1163,11 @@ def add_beside(text: str, beside: Mapping[str, str], what: str) -> str:
                 continue
             first, last = elt.lineno, elt.end_lineno
             segment = "".join(lines[first - 1 : last])
-            if segment.strip().rstrip(",") != ast.get_source_segment(text, elt):
+            before, after = (
+                lines[first - 1][: elt.col_offset],
+                lines[last - 1][elt.end_col_offset :],
+            )
+            if before.strip() or after.strip() not in (",", ""):
                 raise UpstreamError(f"{what}:{first}: {name} is not alone on its lines")
             inserts.append((last, re.sub(rf"\b{name}\b", beside[name], segment)))
     if not inserts:
