@@ -1071,7 +1071,7 @@ def test_module(stem: str, state: TreeState) -> TestModule:
         and any(ast.unparse(d) == "pytest.mark.slow" for d in n.decorator_list)
     ]
     text = mark_funsor_tests(drop_slow_marks(rewrite_text(text)))
-    return TestModule(text, names, tests, imports, removed, slow)
+    return TestModule(text, names, tests, imports, slow=slow, waiting=removed)
 
 
 def test_modules(state: TreeState) -> Dict[str, TestModule]:
