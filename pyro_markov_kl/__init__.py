@@ -5,15 +5,7 @@
 
 __version__ = "0.1.0"
 
-from .kl import (
-    KLDivergenceError,
-    KLRule,
-    compute_kl,
-    find_kl_rule,
-    isolated_kl_registry,
-    kl_divergence,
-    register_kl,
-)
+from .kl import KLDivergenceError, KLRule, compute_kl, find_kl_rule
 from .plan import Plan, SiteRecord
 from .trace_enum_markov_kl_elbo import EnumPlan, JitTraceEnumMarkovKL_ELBO, TraceEnumMarkovKL_ELBO
 from .trace_markov_kl_elbo import GuideOrderWarning, JitTraceMarkovKL_ELBO, TraceMarkovKL_ELBO
@@ -43,7 +35,4 @@ __all__ = [
     "compare_elbos",
     "compute_kl",
     "find_kl_rule",
-    "isolated_kl_registry",
-    "kl_divergence",
-    "register_kl",
 ]

@@ -422,7 +422,7 @@ def build_plan(
             if option == "analytic":
                 raise ValueError(
                     f"site '{name}': infer={{'kl': 'analytic'}} but {why}. Register one with "
-                    "pyro_markov_kl.register_kl, or use infer={'kl': 'auto'}"
+                    "torch.distributions.kl.register_kl, or use infer={'kl': 'auto'}"
                 )
             records[name] = SiteRecord(estimator="mc", reason=why, **common)
             continue
