@@ -375,7 +375,7 @@ def compute_kl(
             "kl_rules, or unregister this one so that a Monte Carlo estimate is used."
         ) from e
     except KLDivergenceError as e:
-        raise KLDivergenceError(f"{_where(name, q, p)}: {e}") from e
+        raise KLDivergenceError(f"{_where(name, q, p)}: {rule.description}: {e}") from e
     except Exception as e:
         if hasattr(e, "add_note"):
             e.add_note(f"while computing {_where(name, q, p)} with {rule.description}")

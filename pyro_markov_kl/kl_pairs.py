@@ -8,28 +8,22 @@ Built-in KL divergences, registered with
 :class:`~pyro.infer.TraceMeanField_ELBO` and
 :class:`~pyro_markov_kl.TraceMarkovKL_ELBO` all use them:
 
-=============================================  =============================================
-pair ``(TypeQ, TypeP)``                        function
-=============================================  =============================================
-``(Independent, MultivariateNormal)``          :func:`_kl_independent_mvn` (replaces Pyro's)
-``(MultivariateNormal, Independent)``          :func:`_kl_mvn_independent`
-``(Independent, LowRankMultivariateNormal)``   :func:`_kl_independent_lowrank`
-``(LowRankMultivariateNormal, Independent)``   :func:`_kl_lowrank_independent`
-``(LowRankMultivariateNormal,                  :func:`_kl_lowrank_mvn` (replaces torch's)
-MultivariateNormal)``
-``(Independent, Independent)``                 :func:`_kl_independent_independent`
-                                               (replaces Pyro's)
-``(TransformedDistribution,                    :func:`_kl_transformed_transformed`
-TransformedDistribution)``                     (replaces torch's)
-``(TransformedDistribution, Distribution)``    :func:`_kl_transformed_any`
-``(ExpandedDistribution, Distribution)``,      :func:`_kl_expanded`
-``(Distribution, ExpandedDistribution)``,
-``(ExpandedDistribution,
-ExpandedDistribution)``,
-``(TransformedDistribution,
-ExpandedDistribution)``
-``(Delta, ExpandedDistribution)``              :func:`_kl_delta_expanded` (Pyro's value)
-=============================================  =============================================
+* ``(Independent, MultivariateNormal)``: :func:`_kl_independent_mvn`
+  (replaces Pyro's);
+* ``(MultivariateNormal, Independent)``: :func:`_kl_mvn_independent`;
+* ``(Independent, LowRankMultivariateNormal)``: :func:`_kl_independent_lowrank`;
+* ``(LowRankMultivariateNormal, Independent)``: :func:`_kl_lowrank_independent`;
+* ``(LowRankMultivariateNormal, MultivariateNormal)``: :func:`_kl_lowrank_mvn`
+  (replaces torch's);
+* ``(Independent, Independent)``: :func:`_kl_independent_independent`
+  (replaces Pyro's);
+* ``(TransformedDistribution, TransformedDistribution)``:
+  :func:`_kl_transformed_transformed` (replaces torch's);
+* ``(TransformedDistribution, Distribution)``: :func:`_kl_transformed_any`;
+* ``(ExpandedDistribution, Distribution)``, ``(Distribution,
+  ExpandedDistribution)``, ``(ExpandedDistribution, ExpandedDistribution)``
+  and ``(TransformedDistribution, ExpandedDistribution)``: :func:`_kl_expanded`;
+* ``(Delta, ExpandedDistribution)``: :func:`_kl_delta_expanded` (Pyro's value).
 
 A replaced registration returns the same value as the one it replaces
 wherever that one returns a value, and declines (raises
