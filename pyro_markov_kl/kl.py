@@ -81,6 +81,13 @@ def registry_version() -> int:
 _BUILTIN_FUNCTIONS = frozenset(BUILTIN_KL.values())
 
 
+def _is_builtin(fn: Any) -> bool:
+    try:
+        return fn in _BUILTIN_FUNCTIONS
+    except TypeError:  # an unhashable callable of the user's
+        return False
+
+
 def _fn_name(fn: Any) -> str:
     name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
     return name if name else repr(fn)
@@ -91,7 +98,7 @@ def _describe(fn: Any, scoped_pair: Optional[TypePair]) -> Tuple[str, str]:
     if scoped_pair is not None:
         pair = f"({scoped_pair[0].__name__}, {scoped_pair[1].__name__})"
         return "scoped", f"scoped: {_fn_name(fn)} registered for {pair}"
-    source = "builtin" if fn in _BUILTIN_FUNCTIONS else "torch"
+    source = "builtin" if _is_builtin(fn) else "torch"
     return source, f"{source}: {_fn_name(fn)}"
 
 
@@ -126,7 +133,7 @@ def _try_rule(
             fn(q, p)
     except NotImplementedError as e:
         message = str(e)
-        if fn in _BUILTIN_FUNCTIONS and message:
+        if _is_builtin(fn) and message:
             return None, message  # written as a reason
         return None, f"{description} raised NotImplementedError({message})"
     except Exception:
