@@ -43,20 +43,3 @@ def _single_thread():
     """The test machines are small and shared: keep torch on one thread."""
     torch.set_num_threads(1)
     yield
-
-
-@pytest.fixture
-def restore_kl_registry():
-    """
-    Undo the registrations a test makes with :func:`torch.distributions.kl.register_kl` (and
-    removals from torch's registry). Touches torch's private registry, as only a test may.
-    """
-    import torch.distributions.kl as torch_kl
-
-    saved = dict(torch_kl._KL_REGISTRY)
-    try:
-        yield
-    finally:
-        torch_kl._KL_REGISTRY.clear()
-        torch_kl._KL_REGISTRY.update(saved)
-        torch_kl._KL_MEMOIZE.clear()

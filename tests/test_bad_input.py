@@ -13,6 +13,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from helpers import restored_kl_registry
 from torch.distributions.kl import register_kl
 
 from pyro_markov_kl import KLDivergenceError, TraceMarkovKL_ELBO
@@ -90,6 +91,12 @@ def test_event_shape_mismatch_without_validation_names_fix():
 
 class MyNormal(dist.Normal):
     pass
+
+
+@pytest.fixture
+def restore_kl_registry():
+    with restored_kl_registry():
+        yield
 
 
 def test_custom_kl_wrong_shape(restore_kl_registry):
