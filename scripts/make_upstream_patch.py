@@ -61,9 +61,9 @@ MODULES = (
     "dependencies",
     "guide_messenger",
     "batched_kl",
-    "kl",
+    "kl_rule",
     "kl_pairs",
-    "kl_funsor",
+    "kl",
     "sites",
     "terms",
     "records",
@@ -142,7 +142,7 @@ EXCLUDED_IMPORTS = (
     "hypothesis",
 )
 #: Tests whose source mentions one of these need funsor: marked ``requires_funsor``.
-FUNSOR_WORDS = ("funsor", "gaussian_kl")
+FUNSOR_WORDS = ("funsor",)
 
 DOCS_PATH = "docs/source/inference_algos.rst"
 DOCS_ENTRY = """\
@@ -905,7 +905,7 @@ tree = sys.argv[1]
 import pyro
 import pyro.infer
 from pyro.infer import JitTraceMarkovKL_ELBO, TraceMarkovKL_ELBO
-from pyro.infer.markov_kl import register_kl
+from pyro.infer.markov_kl import find_kl_rule
 assert pyro.__file__.startswith(tree), f"imported {pyro.__file__}, not the patched tree"
 assert TraceMarkovKL_ELBO.__module__ == "pyro.infer.trace_markov_kl_elbo"
 assert "pyro_markov_kl" not in sys.modules, "the patched pyro imports pyro_markov_kl"
