@@ -6,15 +6,7 @@
 __version__ = "0.1.0"
 
 from .compare import ELBOComparison, compare_elbos
-from .kl import (
-    KLDivergenceError,
-    KLRule,
-    compute_kl,
-    find_kl_rule,
-    isolated_kl_registry,
-    kl_divergence,
-    register_kl,
-)
+from .kl import KLDivergenceError, KLRule, compute_kl, find_kl_rule
 from .records import Plan, SiteRecord
 from .trace_enum_markov_kl_elbo import EnumPlan, JitTraceEnumMarkovKL_ELBO, TraceEnumMarkovKL_ELBO
 from .trace_markov_kl_elbo import GuideOrderWarning, JitTraceMarkovKL_ELBO, TraceMarkovKL_ELBO
@@ -34,7 +26,4 @@ __all__ = [
     "compare_elbos",
     "compute_kl",
     "find_kl_rule",
-    "isolated_kl_registry",
-    "kl_divergence",
-    "register_kl",
 ]

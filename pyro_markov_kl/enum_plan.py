@@ -215,7 +215,7 @@ def build_enum_plan(
         if reason is not None:
             records[name] = fallback(reason)
             continue
-        rule, why, _, _ = find_site_kl_rule(name, model_site, guide_site, kl_rules)
+        rule, why, _, _ = find_site_kl_rule(model_site, guide_site, kl_rules)
         if rule is None:
             records[name] = fallback(why)
             continue

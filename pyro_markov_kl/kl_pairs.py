@@ -1,16 +1,47 @@
 # SPDX-FileCopyrightText: 2026 pyro-markov-kl developers
 # SPDX-License-Identifier: Apache-2.0
 r"""
-Built-in KL rules of :mod:`pyro_markov_kl.kl`.
+Built-in KL divergences, registered with
+:func:`torch.distributions.kl.register_kl` when this module is imported (as
+:mod:`pyro.distributions.kl` registers Pyro's), so that
+:func:`torch.distributions.kl_divergence`, Pyro's
+:class:`~pyro.infer.TraceMeanField_ELBO` and
+:class:`~pyro_markov_kl.TraceMarkovKL_ELBO` all use them:
 
-Each entry of :data:`BUILTIN_KL` maps a type pair ``(TypeQ, TypeP)`` to a
-*builder* ``builder(q, p, resolve)`` that inspects the two distribution
-instances and returns either a :class:`~pyro_markov_kl.kl.KLRule` or a string
-saying why it does not apply. ``resolve(q1, p1)`` is
-:func:`~pyro_markov_kl.kl.find_kl_rule` with the caller's ``kl_rules``, used
-by composite rules (``Independent``, ``TransformedDistribution``,
-``ExpandedDistribution``) for their base distributions, so user registrations
-apply inside them.
+* ``(Independent, MultivariateNormal)``: :func:`_kl_independent_mvn`
+  (replaces Pyro's);
+* ``(MultivariateNormal, Independent)``: :func:`_kl_mvn_independent`;
+* ``(Independent, LowRankMultivariateNormal)``: :func:`_kl_independent_lowrank`;
+* ``(LowRankMultivariateNormal, Independent)``: :func:`_kl_lowrank_independent`;
+* ``(LowRankMultivariateNormal, MultivariateNormal)``: :func:`_kl_lowrank_mvn`
+  (replaces torch's);
+* ``(Independent, Independent)``: :func:`_kl_independent_independent`
+  (replaces Pyro's);
+* ``(TransformedDistribution, TransformedDistribution)``:
+  :func:`_kl_transformed_transformed` (replaces torch's);
+* ``(TransformedDistribution, Distribution)``: :func:`_kl_transformed_any`;
+* ``(ExpandedDistribution, Distribution)``, ``(Distribution,
+  ExpandedDistribution)``, ``(ExpandedDistribution, ExpandedDistribution)``
+  and ``(TransformedDistribution, ExpandedDistribution)``: :func:`_kl_expanded`;
+* ``(Delta, ExpandedDistribution)``: :func:`_kl_delta_expanded` (Pyro's value).
+
+A replaced registration returns the same value as the one it replaces
+wherever that one returns a value, and declines (raises
+:class:`NotImplementedError`) only where that one raises. The last two rows
+only break ties between the generic pairs (and Pyro's ``(Delta,
+Distribution)``) so that :func:`torch.distributions.kl_divergence` warns of no
+ambiguity.
+
+Composite functions compute the KL of their parts with
+:func:`~pyro_markov_kl.kl_rule.nested_kl`, i.e. with
+:func:`torch.distributions.kl_divergence` (so any function registered with
+:func:`torch.distributions.kl.register_kl` applies inside ``Independent``,
+``ExpandedDistribution`` and ``TransformedDistribution``) after the scoped
+rules of the ELBO instance computing it, if any.
+
+Also defined here, not registered: the KL term of a ``Delta`` guide with
+Pyro's ``log_density`` (:func:`delta_kl`) and the Gaussian fallback
+(:func:`gaussian_kl`), which :func:`~pyro_markov_kl.kl.find_kl_rule` uses.
 
 Gaussian closed forms use, for :math:`q = \mathcal N(\mu_q, \Sigma_q)` and
 :math:`p = \mathcal N(\mu_p, \Sigma_p)` of dimension :math:`n`,
@@ -38,12 +69,12 @@ Statist. 22(1), 1951.
 
 from __future__ import annotations
 
+import math
 import numbers
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from pyro.distributions.delta import Delta
-from pyro.distributions.distribution import Distribution as PyroDistribution
 from pyro.distributions.torch_distribution import ExpandedDistribution
 from pyro.distributions.util import sum_rightmost
 from torch import Tensor
@@ -54,6 +85,8 @@ from torch.distributions import (
     MultivariateNormal,
     Normal,
     TransformedDistribution,
+    kl_divergence,
+    register_kl,
 )
 from torch.distributions.transforms import (
     AffineTransform,
@@ -63,32 +96,29 @@ from torch.distributions.transforms import (
     _InverseTransform,
 )
 
-from .kl import KLDivergenceError, KLRule, distribution_name
+from .kl_rule import KLDivergenceError, KLFn, TypePair, distribution_name, finding_rule, nested_kl
 
-Resolver = Callable[[Distribution, Distribution], Tuple[Optional[KLRule], str]]
-Builder = Callable[[Distribution, Distribution, Resolver], Union[KLRule, str]]
+__all__ = [
+    "BUILTIN_KL",
+    "canonical_transforms",
+    "delta_kl",
+    "gaussian_kl",
+    "is_delta",
+    "is_gaussian",
+]
 
-#: ``(TypeQ, TypeP) -> builder``; see the module docstring.
-BUILTIN_KL: Dict[Tuple[type, type], Builder] = {}
+#: ``(TypeQ, TypeP) -> fn`` for each pair this module registers with torch.
+BUILTIN_KL: Dict[TypePair, KLFn] = {}
 
 
-def _builtin(type_q: type, type_p: type) -> Callable[[Builder], Builder]:
-    def decorator(builder: Builder) -> Builder:
-        BUILTIN_KL[type_q, type_p] = builder
-        return builder
+def _register(type_q: type, type_p: type) -> Callable[[KLFn], KLFn]:
+    """:func:`torch.distributions.kl.register_kl`, remembering the pair in :data:`BUILTIN_KL`."""
+
+    def decorator(fn: KLFn) -> KLFn:
+        BUILTIN_KL[type_q, type_p] = fn
+        return register_kl(type_q, type_p)(fn)
 
     return decorator
-
-
-def _rule(fn: Callable[[Any, Any], Tensor], description: str) -> KLRule:
-    return KLRule(fn, "builtin", f"builtin: {description}")
-
-
-def _stale(what: str) -> KLDivergenceError:
-    return KLDivergenceError(
-        f"KL rule was found for {what}, but the distributions changed structure since; "
-        "call find_kl_rule again for the new distributions."
-    )
 
 
 ################################################################################
@@ -226,6 +256,7 @@ def _kl_diag_lowrank(q_loc: Tensor, q_scale: Tensor, p: LowRankMultivariateNorma
     return 0.5 * logdet_p - q_scale.log().sum(-1) + 0.5 * (trace + mahalanobis - n)
 
 
+@_register(LowRankMultivariateNormal, MultivariateNormal)
 def _kl_lowrank_mvn(q: LowRankMultivariateNormal, p: MultivariateNormal) -> Tensor:
     r"""
     :math:`q = \mathcal N(\mu_q, W W^\top + \operatorname{diag} D)`,
@@ -262,134 +293,53 @@ def _diag_normal(d: Distribution) -> Optional[Normal]:
     return None
 
 
-def _kl_indepnormal_mvn(q: Independent, p: MultivariateNormal) -> Tensor:
-    base = q.base_dist
-    return _kl_diag_mvn(base.loc, base.scale, p)
+def _no_closed_form(q: Distribution, p: Distribution) -> NotImplementedError:
+    return NotImplementedError(
+        f"no closed form for {distribution_name(q)} vs {distribution_name(p)}"
+    )
 
 
-def _kl_mvn_indepnormal(q: MultivariateNormal, p: Independent) -> Tensor:
-    base = p.base_dist
+@_register(Independent, MultivariateNormal)
+def _kl_independent_mvn(q: Independent, p: MultivariateNormal) -> Tensor:
+    """
+    ``Independent(Normal, 1)`` vs ``MultivariateNormal`` by :func:`_kl_diag_mvn`.
+    Replaces Pyro's registration for the pair, which returns the same values
+    through the explicit precision matrix; like Pyro's, returns
+    :math:`-\\log p(v)` for ``Independent(Delta, 1)``.
+    """
+    base = _diag_normal(q)
+    if base is not None:
+        return _kl_diag_mvn(base.loc, base.scale, p)
+    if isinstance(q.base_dist, Delta) and q.reinterpreted_batch_ndims == 1:
+        return -p.log_prob(q.base_dist.v)
+    raise _no_closed_form(q, p)
+
+
+@_register(MultivariateNormal, Independent)
+def _kl_mvn_independent(q: MultivariateNormal, p: Independent) -> Tensor:
+    """``MultivariateNormal`` vs ``Independent(Normal, 1)`` by :func:`_kl_mvn_diag`."""
+    base = _diag_normal(p)
+    if base is None:
+        raise _no_closed_form(q, p)
     return _kl_mvn_diag(q, base.loc, base.scale)
 
 
-def _kl_lowrank_indepnormal(q: LowRankMultivariateNormal, p: Independent) -> Tensor:
-    base = p.base_dist
+@_register(LowRankMultivariateNormal, Independent)
+def _kl_lowrank_independent(q: LowRankMultivariateNormal, p: Independent) -> Tensor:
+    """``LowRankMultivariateNormal`` vs ``Independent(Normal, 1)`` by :func:`_kl_lowrank_diag`."""
+    base = _diag_normal(p)
+    if base is None:
+        raise _no_closed_form(q, p)
     return _kl_lowrank_diag(q, base.loc, base.scale)
 
 
-def _kl_indepnormal_lowrank(q: Independent, p: LowRankMultivariateNormal) -> Tensor:
-    base = q.base_dist
+@_register(Independent, LowRankMultivariateNormal)
+def _kl_independent_lowrank(q: Independent, p: LowRankMultivariateNormal) -> Tensor:
+    """``Independent(Normal, 1)`` vs ``LowRankMultivariateNormal`` by :func:`_kl_diag_lowrank`."""
+    base = _diag_normal(q)
+    if base is None:
+        raise _no_closed_form(q, p)
     return _kl_diag_lowrank(base.loc, base.scale, p)
-
-
-_DIAG = "Independent(Normal, 1)"
-
-
-def _diag_rule(
-    q: Distribution, p: Distribution, side: str, fn: Callable[[Any, Any], Tensor], desc: str
-) -> Union[KLRule, str]:
-    delta = _delta_rule(q)
-    if delta is not None:
-        return delta
-    d = q if side == "q" else p
-    if _diag_normal(d) is None:
-        return f"no closed form for {distribution_name(q)} vs {distribution_name(p)}"
-
-    def checked(q: Distribution, p: Distribution) -> Tensor:
-        if _diag_normal(q if side == "q" else p) is None:
-            raise _stale(desc)
-        return fn(q, p)
-
-    checked.__name__ = checked.__qualname__ = fn.__name__
-    return _rule(checked, f"{fn.__name__} ({desc})")
-
-
-@_builtin(Independent, MultivariateNormal)
-def _build_indep_mvn(q: Any, p: Any, resolve: Resolver) -> Union[KLRule, str]:
-    # Supersedes Pyro's (Independent, MultivariateNormal) rule: avoids the explicit
-    # precision matrix and handles Delta bases with log_density.
-    return _diag_rule(q, p, "q", _kl_indepnormal_mvn, f"{_DIAG} vs MultivariateNormal")
-
-
-@_builtin(MultivariateNormal, Independent)
-def _build_mvn_indep(q: Any, p: Any, resolve: Resolver) -> Union[KLRule, str]:
-    return _diag_rule(q, p, "p", _kl_mvn_indepnormal, f"MultivariateNormal vs {_DIAG}")
-
-
-@_builtin(LowRankMultivariateNormal, Independent)
-def _build_lowrank_indep(q: Any, p: Any, resolve: Resolver) -> Union[KLRule, str]:
-    return _diag_rule(q, p, "p", _kl_lowrank_indepnormal, f"LowRankMultivariateNormal vs {_DIAG}")
-
-
-@_builtin(Independent, LowRankMultivariateNormal)
-def _build_indep_lowrank(q: Any, p: Any, resolve: Resolver) -> Union[KLRule, str]:
-    return _diag_rule(q, p, "q", _kl_indepnormal_lowrank, f"{_DIAG} vs LowRankMultivariateNormal")
-
-
-@_builtin(LowRankMultivariateNormal, MultivariateNormal)
-def _build_lowrank_mvn(q: Any, p: Any, resolve: Resolver) -> Union[KLRule, str]:
-    return _rule(_kl_lowrank_mvn, "_kl_lowrank_mvn")
-
-
-################################################################################
-# Delta guides
-################################################################################
-
-
-def _delta_parts(d: Distribution) -> Optional[Tuple[Tensor, Tensor]]:
-    """
-    ``(v, log_density)`` of a ``Delta`` possibly wrapped in ``Independent``s,
-    with ``log_density`` summed over the reinterpreted dims; else ``None``.
-    """
-    ndims = 0
-    while isinstance(d, Independent):
-        ndims += d.reinterpreted_batch_ndims
-        d = d.base_dist
-    if not isinstance(d, Delta):
-        return None
-    return d.v, sum_rightmost(d.log_density.expand(d.batch_shape), ndims)
-
-
-def _kl_delta(q: Distribution, p: Distribution) -> Tensor:
-    r"""
-    KL term of a point-mass guide :math:`q = \delta_v` with Pyro's
-    ``log_density`` :math:`\ell` (MAP/ML sites):
-
-    .. math::
-
-        \mathrm{KL}(q \,\|\, p) := \log q(v) - \log p(v) = \ell - \log p(v),
-
-    the same per-site term as :class:`~pyro.infer.Trace_ELBO`, which scores
-    the guide sample with ``q.log_prob(v) = log_density``. (Pyro's registered
-    ``(Delta, Distribution)`` rule returns :math:`-\log p(v)`, dropping
-    :math:`\ell`.)
-    """
-    parts = _delta_parts(q)
-    if parts is None:
-        raise _stale("a Delta guide")
-    v, log_density = parts
-    return log_density - p.log_prob(v)
-
-
-def _delta_rule(q: Distribution) -> Optional[KLRule]:
-    if _delta_parts(q) is None:
-        return None
-    # the same value as the Monte Carlo term, draw for draw: say so, as nothing is saved
-    return _rule(_kl_delta, "_kl_delta (a Delta guide: the KL equals log q - log p at the sample)")
-
-
-@_builtin(Delta, Distribution)
-@_builtin(Delta, PyroDistribution)  # supersedes Pyro's (Delta, Distribution) registration
-def _build_delta(q: Any, p: Any, resolve: Resolver) -> Union[KLRule, str]:
-    return _delta_rule(q)  # type: ignore[return-value]
-
-
-@_builtin(Independent, Distribution)
-def _build_indep_any(q: Any, p: Any, resolve: Resolver) -> Union[KLRule, str]:
-    rule = _delta_rule(q)
-    if rule is not None:
-        return rule
-    return f"no closed form for {distribution_name(q)} vs {distribution_name(p)}"
 
 
 ################################################################################
@@ -397,7 +347,7 @@ def _build_indep_any(q: Any, p: Any, resolve: Resolver) -> Union[KLRule, str]:
 ################################################################################
 
 
-def _strip(d: Distribution, ndims: int) -> Distribution:
+def _strip(d: Independent, ndims: int) -> Distribution:
     """
     Remove ``ndims`` reinterpreted dims from ``Independent`` ``d``, returning
     the base distribution if none remain (also for ``Independent(base, 0)``).
@@ -410,48 +360,34 @@ def _strip(d: Distribution, ndims: int) -> Distribution:
     return Independent(d.base_dist, extra, validate_args=False)
 
 
-@_builtin(Independent, Independent)
-def _build_indep_indep(q: Any, p: Any, resolve: Resolver) -> Union[KLRule, str]:
+@_register(Independent, Independent)
+def _kl_independent_independent(q: Independent, p: Independent) -> Tensor:
     r"""
     :math:`\mathrm{KL}(\mathrm{Indep}(q_0, k_q) \,\|\, \mathrm{Indep}(p_0, k_p))`
     with :math:`s = \min(k_q, k_p)` shared dims: strip :math:`s` dims from
-    both sides, recurse, and sum the :math:`s` rightmost dims. Unlike torch's
-    rule, handles :math:`k_q \ne k_p` (as Pyro's does) and resolves the
-    inner pair through the full lookup (so user rules apply).
+    both sides, compute the KL of the rest with
+    :func:`~pyro_markov_kl.kl_rule.nested_kl` and sum its :math:`s`
+    rightmost dims. Replaces Pyro's registration for the pair, which computes
+    the same; this one also applies an ELBO's scoped rules to the parts and
+    names a part returning a wrong shape.
     """
-    rule = _delta_rule(q)
-    if rule is not None:
-        return rule
-    kq, kp = q.reinterpreted_batch_ndims, p.reinterpreted_batch_ndims
-    shared = min(kq, kp)
-    inner, reason = resolve(_strip(q, shared), _strip(p, shared))
-    if inner is None:
-        return f"inside Independent vs Independent: {reason}"
-    inner_fn = inner.fn
-
-    def _kl_independent_independent(q: Any, p: Any) -> Tensor:
-        if q.reinterpreted_batch_ndims != kq or p.reinterpreted_batch_ndims != kp:
-            raise _stale(f"Independent(., {kq}) vs Independent(., {kp})")
-        q0, p0 = _strip(q, shared), _strip(p, shared)
-        kl = inner_fn(q0, p0)
-        expected = torch.broadcast_shapes(q0.batch_shape, p0.batch_shape)
-        if not isinstance(kl, Tensor) or kl.shape != expected:
-            shape = tuple(kl.shape) if isinstance(kl, Tensor) else type(kl).__name__
-            raise KLDivergenceError(
-                f"{inner.description} returned shape {shape} for the pair inside "
-                f"Independent, expected {tuple(expected)}. Fix: a KL function must return one "
-                "value per element of the broadcast batch shape of the pair."
-            )
-        return sum_rightmost(kl, shared)
-
-    return _rule(
-        _kl_independent_independent,
-        f"Independent/Independent (sum of {shared} rightmost dims) of [{inner.description}]",
-    )
+    shared = min(q.reinterpreted_batch_ndims, p.reinterpreted_batch_ndims)
+    q0, p0 = _strip(q, shared), _strip(p, shared)
+    kl = nested_kl(q0, p0)
+    expected = torch.broadcast_shapes(q0.batch_shape, p0.batch_shape)
+    if not isinstance(kl, Tensor) or kl.shape != expected:
+        shape = tuple(kl.shape) if isinstance(kl, Tensor) else type(kl).__name__
+        raise KLDivergenceError(
+            f"the KL of the pair inside Independent ({distribution_name(q0)} vs "
+            f"{distribution_name(p0)}) has shape {shape}, expected {tuple(expected)}. Fix: a "
+            "KL function must return one value per element of the broadcast batch shape of "
+            "the pair."
+        )
+    return sum_rightmost(kl, shared)
 
 
 ################################################################################
-# TransformedDistribution with equal transforms
+# TransformedDistribution
 ################################################################################
 
 
@@ -475,21 +411,21 @@ def _any_tensor(obj: Any, pred: Callable[[Tensor], bool], seen: Optional[set] = 
     return False
 
 
-def _holds_tensors(obj: Any) -> bool:
-    return _any_tensor(obj, lambda t: True)
-
-
 def _requires_grad(obj: Any) -> bool:
     return _any_tensor(obj, lambda t: t.requires_grad)
 
 
-def _transforms_match(tq: Transform, tp: Transform) -> Optional[str]:
-    """``None`` if ``tq`` and ``tp`` are the same transform, else why not."""
+def _transforms_match(tq: Transform, tp: Transform, strict: bool) -> Optional[str]:
+    """
+    ``None`` if ``tq`` and ``tp`` are the same transform, else why not. With
+    ``strict``, different objects holding tensors that require grad do not
+    match (their equality is data dependent).
+    """
     if tq is tp:
         return None
     if type(tq) is not type(tp):
         return f"transforms differ: {tq!r} vs {tp!r}"
-    if _requires_grad(tq) or _requires_grad(tp):
+    if strict and (_requires_grad(tq) or _requires_grad(tp)):
         return (
             f"transforms {tq!r} and {tp!r} are different objects with learnable "
             "parameters, so their equality is data dependent; use the same transform "
@@ -544,91 +480,6 @@ def _transformed_extra_dims(d: TransformedDistribution) -> int:
     return event_dim - len(d.base_dist.event_shape)
 
 
-@_builtin(TransformedDistribution, TransformedDistribution)
-def _build_transformed(q: Any, p: Any, resolve: Resolver) -> Union[KLRule, str]:
-    r"""
-    For the same bijective transform :math:`T` on both sides,
-
-    .. math::
-
-        \mathrm{KL}(T_\# q_0 \,\|\, T_\# p_0) = \mathrm{KL}(q_0 \,\|\, p_0)
-
-    since :math:`\log q(y) - \log p(y) = \log q_0(x) - \log p_0(x)` at
-    :math:`x = T^{-1}(y)` (the Jacobian terms cancel), summed over the batch
-    dims of the bases that the transforms reinterpret as event dims.
-
-    Transforms are compared pairwise after flattening compositions and
-    leaving out identities (:func:`canonical_transforms`): the same object, or
-    the same type and ``==`` when neither holds a tensor requiring grad (e.g.
-    ``ExpTransform()``, ``AffineTransform(0., 2.)``, constant tensors).
-    Otherwise the rule declines and the KL is estimated by Monte Carlo.
-    """
-    tq, tp = canonical_transforms(q.transforms), canonical_transforms(p.transforms)
-    if len(tq) != len(tp):
-        return f"transforms differ: {tq!r} vs {tp!r}"
-    for a, b in zip(tq, tp):
-        why = _transforms_match(a, b)
-        if why is not None:
-            return why
-        if not a.bijective:
-            return f"transform {a!r} is not bijective"
-    if q.base_dist.event_shape != p.base_dist.event_shape:
-        return "base distributions have different event shapes"
-    extra = _transformed_extra_dims(q)
-    if extra != _transformed_extra_dims(p) or extra < 0:
-        return "transforms reinterpret different numbers of batch dims"
-    inner, reason = resolve(q.base_dist, p.base_dist)
-    if inner is None:
-        return f"inside TransformedDistribution: {reason}"
-    inner_fn = inner.fn
-    # Equality of tensor-holding transforms is rechecked each call.
-    recheck = [i for i, (a, b) in enumerate(zip(tq, tp)) if a is not b and _holds_tensors(a)]
-
-    def _kl_transformed_transformed(q: Any, p: Any) -> Tensor:
-        tq, tp = canonical_transforms(q.transforms), canonical_transforms(p.transforms)
-        if len(tq) != len(tp) or any(
-            a is not b and (type(a) is not type(b) or (i in recheck and not bool(a == b)))
-            for i, (a, b) in enumerate(zip(tq, tp))
-        ):
-            raise _stale("equal transforms")
-        return sum_rightmost(inner_fn(q.base_dist, p.base_dist), extra)
-
-    return _rule(
-        _kl_transformed_transformed,
-        f"TransformedDistribution with equal transforms of [{inner.description}]",
-    )
-
-
-@_builtin(TransformedDistribution, Distribution)
-def _build_identity_transformed(q: Any, p: Any, resolve: Resolver) -> Union[KLRule, str]:
-    r"""
-    A guide distribution whose transforms are identities (as
-    :class:`~pyro.infer.autoguide.AutoNormalMessenger` builds for a site with
-    real support: a ``TransformedDistribution`` of a Normal by
-    ``biject_to(constraints.real)``) is its base distribution:
-    :math:`\mathrm{KL}(q_0 \,\|\, p)`.
-    """
-    q0 = _simplify_transformed(q)
-    if q0 is None:
-        return f"no kl_divergence registered for ({type(q).__name__}, {type(p).__name__})"
-    inner, reason = resolve(q0, p)
-    if inner is None:
-        return f"inside TransformedDistribution: {reason}"
-    inner_fn = inner.fn
-
-    def _kl_identity_transformed(q: Any, p: Any) -> Tensor:
-        q0 = _simplify_transformed(q) if isinstance(q, TransformedDistribution) else None
-        if q0 is None:
-            raise _stale("identity or affine transforms of a Normal")
-        return inner_fn(q0, p)
-
-    return _rule(
-        _kl_identity_transformed,
-        "TransformedDistribution with identity or affine transforms, as the base "
-        f"[{inner.description}]",
-    )
-
-
 def _simplify_transformed(q: TransformedDistribution) -> Optional[Distribution]:
     r"""
     ``q`` as a distribution without transforms, or ``None``: its base if its
@@ -657,62 +508,216 @@ def _simplify_transformed(q: TransformedDistribution) -> Optional[Distribution]:
     return Independent(folded, len(q.event_shape)) if q.event_shape else folded
 
 
+@_register(TransformedDistribution, TransformedDistribution)
+def _kl_transformed_transformed(q: TransformedDistribution, p: TransformedDistribution) -> Tensor:
+    r"""
+    For the same bijective transform :math:`T` on both sides,
+
+    .. math::
+
+        \mathrm{KL}(T_\# q_0 \,\|\, T_\# p_0) = \mathrm{KL}(q_0 \,\|\, p_0)
+
+    since :math:`\log q(y) - \log p(y) = \log q_0(x) - \log p_0(x)` at
+    :math:`x = T^{-1}(y)` (the Jacobian terms cancel), summed over the batch
+    dims of the bases that the transforms reinterpret as event dims.
+
+    Transforms are compared pairwise after flattening compositions and
+    leaving out identities (:func:`canonical_transforms`): the same object, or
+    the same type and ``==``. Replaces torch's registration for the pair,
+    which compares the transform lists with ``==`` and does not sum
+    reinterpreted dims. While :func:`~pyro_markov_kl.kl.find_kl_rule` tries it
+    (:func:`~pyro_markov_kl.kl_rule.finding_rule`), different transform
+    objects holding tensors that require grad do not match: their equality
+    holds for the current values only, and the rule is reused for later ones.
+    """
+    tq, tp = canonical_transforms(q.transforms), canonical_transforms(p.transforms)
+    if len(tq) != len(tp):
+        raise NotImplementedError(f"transforms differ: {tq!r} vs {tp!r}")
+    strict = finding_rule()
+    for a, b in zip(tq, tp):
+        why = _transforms_match(a, b, strict)
+        if why is not None:
+            raise NotImplementedError(why)
+        if not a.bijective:
+            raise NotImplementedError(f"transform {a!r} is not bijective")
+    if q.base_dist.event_shape != p.base_dist.event_shape:
+        raise NotImplementedError("base distributions have different event shapes")
+    extra = _transformed_extra_dims(q)
+    if extra != _transformed_extra_dims(p) or extra < 0:
+        raise NotImplementedError("transforms reinterpret different numbers of batch dims")
+    return sum_rightmost(nested_kl(q.base_dist, p.base_dist), extra)
+
+
+@_register(TransformedDistribution, Distribution)
+def _kl_transformed_any(q: TransformedDistribution, p: Distribution) -> Tensor:
+    r"""
+    A guide distribution whose transforms are identities (as
+    :class:`~pyro.infer.autoguide.AutoNormalMessenger` builds for a site with
+    real support: a ``TransformedDistribution`` of a Normal by
+    ``biject_to(constraints.real)``) is its base distribution, and one
+    affine transform of a Normal is a Normal (see
+    :func:`_simplify_transformed`): :math:`\mathrm{KL}(q_0 \,\|\, p)`.
+    """
+    q0 = _simplify_transformed(q)
+    if q0 is None:
+        raise NotImplementedError(
+            f"no kl_divergence registered for ({type(q).__name__}, {type(p).__name__})"
+        )
+    return nested_kl(q0, p)
+
+
 ################################################################################
 # Pyro's ExpandedDistribution
 ################################################################################
 
 
-def _build_expanded(q: Any, p: Any, resolve: Resolver, strip_q: bool, strip_p: bool):
-    q0 = q.base_dist if strip_q else q
-    p0 = p.base_dist if strip_p else p
-    inner, reason = resolve(q0, p0)
-    if inner is None:
-        return f"inside ExpandedDistribution: {reason}"
-    inner_fn = inner.fn
-
-    def _kl_expanded(q: Any, p: Any) -> Tensor:
-        if (strip_q and not isinstance(q, ExpandedDistribution)) or (
-            strip_p and not isinstance(p, ExpandedDistribution)
-        ):
-            raise _stale("ExpandedDistribution")
-        shape = torch.broadcast_shapes(q.batch_shape, p.batch_shape)
-        kl = inner_fn(q.base_dist if strip_q else q, p.base_dist if strip_p else p)
-        return kl.expand(shape)
-
-    return _rule(_kl_expanded, f"ExpandedDistribution of [{inner.description}]")
+@_register(ExpandedDistribution, ExpandedDistribution)
+@_register(ExpandedDistribution, Distribution)
+@_register(Distribution, ExpandedDistribution)
+@_register(TransformedDistribution, ExpandedDistribution)  # tie of the generic pairs
+def _kl_expanded(q: Distribution, p: Distribution) -> Tensor:
+    r"""
+    :math:`\mathrm{KL}` of an ``ExpandedDistribution`` (on either side or
+    both) is that of its base, expanded:
+    ``nested_kl(q.base_dist, p.base_dist).expand(batch_shape)``.
+    """
+    shape = torch.broadcast_shapes(q.batch_shape, p.batch_shape)
+    q0 = q.base_dist if isinstance(q, ExpandedDistribution) else q
+    p0 = p.base_dist if isinstance(p, ExpandedDistribution) else p
+    return nested_kl(q0, p0).expand(shape)
 
 
-@_builtin(ExpandedDistribution, Distribution)
-def _build_expanded_any(q: Any, p: Any, resolve: Resolver) -> Union[KLRule, str]:
-    return _build_expanded(q, p, resolve, True, False)
+@_register(Delta, ExpandedDistribution)
+def _kl_delta_expanded(q: Delta, p: ExpandedDistribution) -> Tensor:
+    """
+    Pyro's value for ``(Delta, Distribution)``, :math:`-\\log p(v)`, registered
+    to break the tie between that pair and ``(Distribution, ExpandedDistribution)``.
+    """
+    return -p.log_prob(q.v)
 
 
-@_builtin(Distribution, ExpandedDistribution)
-def _build_any_expanded(q: Any, p: Any, resolve: Resolver) -> Union[KLRule, str]:
-    return _build_expanded(q, p, resolve, False, True)
+################################################################################
+# Delta guides (not registered)
+################################################################################
 
 
-@_builtin(ExpandedDistribution, ExpandedDistribution)
-def _build_expanded_expanded(q: Any, p: Any, resolve: Resolver) -> Union[KLRule, str]:
-    return _build_expanded(q, p, resolve, True, True)
+def _delta_parts(d: Distribution) -> Optional[Tuple[Tensor, Tensor]]:
+    """
+    ``(v, log_density)`` of a ``Delta`` possibly wrapped in ``Independent`` and
+    ``ExpandedDistribution``, of shapes ``batch_shape + event_shape`` and
+    ``batch_shape`` (summed over reinterpreted dims); else ``None``.
+    """
+    if isinstance(d, Delta):
+        return d.v, d.log_density.expand(d.batch_shape)
+    if isinstance(d, (Independent, ExpandedDistribution)):
+        parts = _delta_parts(d.base_dist)
+        if parts is None:
+            return None
+        v, log_density = parts
+        if isinstance(d, Independent):
+            return v, sum_rightmost(log_density, d.reinterpreted_batch_ndims)
+        return v.expand(d.batch_shape + d.event_shape), log_density.expand(d.batch_shape)
+    return None
 
 
-# Tie-breakers for pairs matched by two of the generic rules above.
-@_builtin(Delta, ExpandedDistribution)
-def _build_delta_expanded(q: Any, p: Any, resolve: Resolver) -> Union[KLRule, str]:
-    return _delta_rule(q)  # type: ignore[return-value]
+def is_delta(d: Distribution) -> bool:
+    """Whether ``d`` is a ``Delta``, possibly in ``Independent`` and ``ExpandedDistribution``."""
+    while isinstance(d, (Independent, ExpandedDistribution)):
+        d = d.base_dist
+    return isinstance(d, Delta)
 
 
-@_builtin(Independent, ExpandedDistribution)
-def _build_indep_expanded(q: Any, p: Any, resolve: Resolver) -> Union[KLRule, str]:
-    rule = _delta_rule(q)
-    if rule is not None:
-        return rule
-    return _build_expanded(q, p, resolve, False, True)
+def delta_kl(q: Distribution, p: Distribution) -> Tensor:
+    r"""
+    KL term of a point-mass guide :math:`q = \delta_v` with Pyro's
+    ``log_density`` :math:`\ell` (MAP/ML sites):
+
+    .. math::
+
+        \mathrm{KL}(q \,\|\, p) := \log q(v) - \log p(v) = \ell - \log p(v),
+
+    the same per-site term as :class:`~pyro.infer.Trace_ELBO`, which scores
+    the guide sample with ``q.log_prob(v) = log_density``. Not registered:
+    Pyro's ``(Delta, Distribution)`` registration returns :math:`-\log p(v)`,
+    dropping :math:`\ell`, and keeps doing so for
+    :func:`torch.distributions.kl_divergence`.
+    """
+    parts = _delta_parts(q)
+    if parts is None:
+        raise NotImplementedError(f"{distribution_name(q)} is not a Delta")
+    v, log_density = parts
+    return log_density - p.log_prob(v)
 
 
-@_builtin(TransformedDistribution, ExpandedDistribution)
-def _build_transformed_expanded(q: Any, p: Any, resolve: Resolver) -> Union[KLRule, str]:
-    if not canonical_transforms(q.transforms):
-        return _build_identity_transformed(q, p, resolve)
-    return _build_expanded(q, p, resolve, False, True)
+################################################################################
+# Gaussian fallback (not registered)
+################################################################################
+
+_GAUSSIANS = (Normal, MultivariateNormal, LowRankMultivariateNormal)
+
+
+def is_gaussian(d: Distribution) -> bool:
+    """
+    Whether ``d`` is a Normal, MultivariateNormal or LowRankMultivariateNormal,
+    possibly in ``Independent`` and ``ExpandedDistribution``.
+    """
+    while isinstance(d, (Independent, ExpandedDistribution)):
+        d = d.base_dist
+    return isinstance(d, _GAUSSIANS)
+
+
+def _block_diagonal(tril: Tensor) -> Tensor:
+    """``(..., m, n, n)`` blocks to the ``(..., m n, m n)`` block-diagonal matrix."""
+    m, n = tril.shape[-3], tril.shape[-1]
+    eye = torch.eye(m, dtype=tril.dtype, device=tril.device)
+    blocks = eye[:, None, :, None] * tril.unsqueeze(-2)  # [..., i, a, j, c] = δ_ij L_i[a, c]
+    return blocks.reshape(tril.shape[:-3] + (m * n, m * n))
+
+
+def _flat_gaussian(d: Distribution) -> Tuple[Tensor, Tensor]:
+    """
+    ``(loc, scale_tril)`` of ``d`` as a MultivariateNormal over its event
+    flattened to one dim, of batch shape ``d.batch_shape``.
+    """
+    if isinstance(d, Normal):
+        return d.loc.unsqueeze(-1), d.scale.unsqueeze(-1).unsqueeze(-1)
+    if isinstance(d, (MultivariateNormal, LowRankMultivariateNormal)):
+        return d.loc, d.scale_tril
+    loc, tril = _flat_gaussian(d.base_dist)
+    n = loc.size(-1)
+    if isinstance(d, ExpandedDistribution):
+        return loc.expand(d.batch_shape + (n,)), tril.expand(d.batch_shape + (n, n))
+    # Independent: reinterpreted batch dims join the event, block-diagonally
+    base_shape = d.base_dist.batch_shape
+    batch_shape, inner = d.batch_shape, base_shape[len(d.batch_shape) :]
+    m = math.prod(inner)
+    loc = loc.expand(base_shape + (n,)).reshape(batch_shape + (m * n,))
+    tril = tril.expand(base_shape + (n, n)).reshape(batch_shape + (m, n, n))
+    return loc, _block_diagonal(tril)
+
+
+def gaussian_kl(q: Distribution, p: Distribution) -> Tensor:
+    r"""
+    Exact :math:`\mathrm{KL}(q \,\|\, p)` for any Gaussian-family ``q`` and
+    ``p`` (:func:`is_gaussian`) with equal event shapes and broadcastable
+    batch shapes: both are written as
+    :class:`~torch.distributions.MultivariateNormal` over their event
+    flattened to :math:`n` dims (``Independent`` wrappers become
+    block-diagonal Cholesky factors, ``LowRankMultivariateNormal`` its
+    ``scale_tril``), and torch's closed form of the pair is used. The KL is
+    invariant under this reshaping of the event.
+
+    A fallback for pairs no registered function covers (e.g. differently
+    nested ``Independent`` wrappers): it builds dense :math:`n \times n`
+    factors, :math:`O(n^3)` per batch element.
+
+    :returns: tensor of shape ``broadcast_shapes(q.batch_shape, p.batch_shape)``.
+    """
+    shape = torch.broadcast_shapes(q.batch_shape, p.batch_shape)
+    q_loc, q_tril = _flat_gaussian(q)
+    p_loc, p_tril = _flat_gaussian(p)
+    kl = kl_divergence(
+        MultivariateNormal(q_loc, scale_tril=q_tril, validate_args=False),
+        MultivariateNormal(p_loc, scale_tril=p_tril, validate_args=False),
+    )
+    return kl.expand(shape)

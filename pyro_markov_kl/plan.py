@@ -28,12 +28,11 @@ from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Optional, Tuple
 
-import torch
 from pyro.poutine.trace_struct import Trace
 
 from .batched_kl import is_stackable
 from .dependencies import ProgramDependencies
-from .kl import KLRule, compute_kl, find_kl_rule
+from .kl import KLRule, find_kl_rule
 from .plan_cache import fn_signature
 from .records import Plan, SiteRecord
 from .score_function import add_baselines, add_cost_bases, add_downstream_costs, site_plates
@@ -86,7 +85,6 @@ def bias_reason(
 
 
 def find_site_kl_rule(
-    name: str,
     model_site: Mapping,
     guide_site: Mapping,
     kl_rules: Optional[Mapping[Tuple[type, type], Any]] = None,
@@ -98,10 +96,10 @@ def find_site_kl_rule(
     A rule found by the types can still refuse the pair by its values, with
     ``NotImplementedError``: torch's KL of two ``TransformedDistribution`` objects
     with different transforms, or of two ``Independent`` objects over different
-    dimensions, for instance. The trial (without gradient, once per plan, not
-    per step) makes such a site a Monte Carlo site whose reason the plan shows,
-    instead of an error in the terms; the value conditions it depends on (equal
-    transforms) are part of the plan key
+    dimensions, for instance. :func:`~pyro_markov_kl.kl.find_kl_rule` tries the
+    rule once (per plan, not per step), which makes such a site a Monte Carlo
+    site whose reason the plan shows, instead of an error in the terms; the
+    value conditions it depends on (equal transforms) are part of the plan key
     (:func:`~pyro_markov_kl.plan_cache.structure_key`).
 
     :returns: ``(rule, reason, q, p)``
@@ -118,12 +116,6 @@ def find_site_kl_rule(
             p,
         )
     rule, why = find_kl_rule(q, p, kl_rules)
-    if rule is not None:
-        try:
-            with torch.no_grad():
-                compute_kl(name, q, p, rule)
-        except NotImplementedError as e:
-            rule, why = None, f"{rule.description} does not apply: {e}"
     return rule, why, q, p
 
 
@@ -201,12 +193,12 @@ def build_plan(
                 )
             records[name] = SiteRecord(estimator="mc", reason=reason, **common)
             continue
-        rule, why, q, p = find_site_kl_rule(name, model_site, guide_site, kl_rules)
+        rule, why, q, p = find_site_kl_rule(model_site, guide_site, kl_rules)
         if rule is None:
             if option == "analytic":
                 raise ValueError(
                     f"site '{name}': infer={{'kl': 'analytic'}} but {why}. Register one with "
-                    "pyro_markov_kl.register_kl, or use infer={'kl': 'auto'}"
+                    "torch.distributions.kl.register_kl, or use infer={'kl': 'auto'}"
                 )
             records[name] = SiteRecord(estimator="mc", reason=why, **common)
             continue

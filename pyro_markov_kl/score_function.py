@@ -362,6 +362,13 @@ def leave_one_out_baseline(
     :param mask: the site's ``mask`` (``None``, a bool or a bool tensor)
     :returns: the baseline, of shape ``shape``, without gradient
     """
+    if torch.is_tensor(mask) and torch.broadcast_shapes(shape, mask.shape) != shape:
+        # a mask with dimensions beyond the site's (without validation, as Trace_ELBO runs
+        # it): an element counts as masked where it is masked in every one of them
+        extra = mask.dim() - len(shape)
+        full = mask.expand(torch.broadcast_shapes(shape, mask.shape))
+        mask = full.reshape((-1,) + full.shape[extra:]).any(0) if extra > 0 else full
+        mask = mask if mask.shape == shape else None  # enlarges a dimension of size 1
     cost = cost.detach().expand(shape)
     dims = tuple(f.dim for f in frames)
     if mask is None or mask is True:

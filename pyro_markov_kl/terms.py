@@ -107,7 +107,11 @@ def analytic_term(
     kl = compute_kl(name, q, p, rule)
     term = -scale_and_mask(kl, scale_p, mask_p)
     with ignore_jit_warnings():  # shapes are constants of a compiled graph
-        same_shape = kl.shape == q.batch_shape
+        # a factor with dimensions beyond the batch shape broadcasts its side's terms
+        # (scale_and_mask): then each side sums over its own shape
+        same_shape = kl.shape == q.batch_shape and all(
+            _within(f, q.batch_shape) for f in (scale_q, mask_q, scale_p, mask_p)
+        )
     if same_shape and same_factor(scale_p, mask_p, scale_q, mask_q):
         return sum_rightmost(term, k)
     try:
@@ -120,6 +124,14 @@ def analytic_term(
         return sum_rightmost(model_part + guide_part, k)
     # p's batch shape is larger than q's: each side sums over its own shape
     return model_part.sum() + guide_part.sum()
+
+
+def _within(factor: Any, shape: torch.Size) -> bool:
+    """Whether a scale or mask broadcasts to ``shape`` without enlarging it."""
+    if not torch.is_tensor(factor):
+        return True
+    with ignore_jit_warnings():
+        return torch.broadcast_shapes(factor.shape, shape) == shape
 
 
 def _stack_factor(values: List[Any], shape: torch.Size, is_mask: bool) -> Any:
@@ -165,6 +177,8 @@ def batched_analytic_term(
         if f.p.batch_shape != f.q.batch_shape or not same_factor(
             f.scale_p, f.mask_p, f.scale_q, f.mask_q
         ):
+            return None
+        if not (_within(f.scale_p, f.q.batch_shape) and _within(f.mask_p, f.q.batch_shape)):
             return None
     q = stack_distributions([f.q for f in factors])
     p = stack_distributions([f.p for f in factors])

@@ -228,8 +228,10 @@ class TraceEnumMarkovKL_ELBO(TraceEnum_ELBO):
     The constructor takes the arguments of TraceEnum_ELBO, and:
 
     :param dict kl_rules: KL functions ``{(type_q, type_p): fn}`` used by this
-        instance only, before the registry of
-        :func:`pyro_markov_kl.register_kl` and torch's.
+        instance only, before torch's registry
+        (:func:`torch.distributions.kl.register_kl`), also for the parts of
+        ``Independent``, ``ExpandedDistribution`` and ``TransformedDistribution``
+        distributions; torch's registry is not changed.
     :param int plan_cache_size: how many plans (one per structure) to keep;
         ``0`` analyses every step.
 

@@ -29,14 +29,9 @@ import os
 import sys
 from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Set, Tuple
 
-#: ``(importing module, imported module)`` pairs allowed inside a function. Only the KL
-#: modules' lazy imports (``kl`` imports ``kl_pairs`` and ``kl_funsor``, which import ``kl``),
-#: left for the restructuring of the KL modules onto torch's KL registry (issue 15), which
-#: replaces them; an entry no longer needed is reported, so that it is removed.
-ALLOWED_IN_FUNCTION: Set[Tuple[str, str]] = {
-    ("pyro_markov_kl.kl", "pyro_markov_kl.kl_pairs"),
-    ("pyro_markov_kl.kl", "pyro_markov_kl.kl_funsor"),
-}
+#: ``(importing module, imported module)`` pairs allowed inside a function: none. An entry
+#: no longer needed is reported, so that it is removed.
+ALLOWED_IN_FUNCTION: Set[Tuple[str, str]] = set()
 
 PACKAGE = "pyro_markov_kl"
 

@@ -377,13 +377,7 @@ def _error_cases() -> Dict[str, Callable[[], None]]:
     import pyro.distributions as dist
     import torch
 
-    from pyro_markov_kl import (
-        TraceEnumMarkovKL_ELBO,
-        TraceMarkovKL_ELBO,
-        isolated_kl_registry,
-        register_kl,
-    )
-    from pyro_markov_kl.kl import kl_divergence
+    from pyro_markov_kl import TraceEnumMarkovKL_ELBO, TraceMarkovKL_ELBO
 
     MyNormal = _distributions()
 
@@ -431,9 +425,7 @@ def _error_cases() -> Dict[str, Callable[[], None]]:
         def guide():
             pyro.sample("z", MyNormal(torch.ones(4), 1.0).to_event(1))
 
-        with isolated_kl_registry():
-            register_kl(MyNormal, MyNormal)(kl_summed_too_far)
-            TraceMarkovKL_ELBO().loss(model, guide)
+        TraceMarkovKL_ELBO(kl_rules={(MyNormal, MyNormal): kl_summed_too_far}).loss(model, guide)
 
     def kl_returns_nan():
         def model():
@@ -442,9 +434,7 @@ def _error_cases() -> Dict[str, Callable[[], None]]:
         def guide():
             pyro.sample("z", MyNormal(1.0, 1.0))
 
-        with isolated_kl_registry():
-            register_kl(MyNormal, MyNormal)(kl_nan)
-            TraceMarkovKL_ELBO().loss(model, guide)
+        TraceMarkovKL_ELBO(kl_rules={(MyNormal, MyNormal): kl_nan}).loss(model, guide)
 
     def kl_negative_infinity():
         def model():
@@ -453,9 +443,7 @@ def _error_cases() -> Dict[str, Callable[[], None]]:
         def guide():
             pyro.sample("z", MyNormal(1.0, 1.0))
 
-        with isolated_kl_registry():
-            register_kl(MyNormal, MyNormal)(kl_broken)
-            TraceMarkovKL_ELBO().loss(model, guide)
+        TraceMarkovKL_ELBO(kl_rules={(MyNormal, MyNormal): kl_broken}).loss(model, guide)
 
     def support_mismatch():
         def model():
@@ -475,9 +463,6 @@ def _error_cases() -> Dict[str, Callable[[], None]]:
 
         TraceMarkovKL_ELBO().loss(model, guide)
 
-    def register_kl_not_a_type():
-        register_kl(dist.Normal, "Normal")
-
     def kl_rules_bad_key():
         def model():
             pyro.sample("z", dist.Normal(0.0, 1.0))
@@ -485,9 +470,6 @@ def _error_cases() -> Dict[str, Callable[[], None]]:
         TraceMarkovKL_ELBO(kl_rules={dist.Normal: lambda q, p: 0.0}).loss(
             model, lambda: pyro.sample("z", dist.Normal(0.0, 1.0))
         )
-
-    def no_kl_for_pair():
-        kl_divergence(dist.LogNormal(0.0, 1.0), dist.Gamma(2.0, 1.0))
 
     def enum_plate_coupling():
         data = torch.tensor([0.3, -1.2, 2.0])
@@ -515,9 +497,7 @@ def _error_cases() -> Dict[str, Callable[[], None]]:
         "kl_negative_infinity": kl_negative_infinity,
         "support_mismatch": support_mismatch,
         "nan_parameters": nan_parameters,
-        "register_kl_not_a_type": register_kl_not_a_type,
         "kl_rules_bad_key": kl_rules_bad_key,
-        "no_kl_for_pair": no_kl_for_pair,
         "enum_plate_coupling": enum_plate_coupling,
     }
 

@@ -1,14 +1,35 @@
 # SPDX-FileCopyrightText: 2026 pyro-markov-kl developers
 # SPDX-License-Identifier: Apache-2.0
 
-"""Shared test helpers: Monte Carlo means and standard errors of ELBO estimators."""
+"""
+Shared test helpers: Monte Carlo means and standard errors of ELBO estimators, and a context
+manager restoring torch's KL registry.
+"""
 
+import contextlib
 import math
-from typing import Callable, Dict, Sequence, Tuple
+from typing import Callable, Dict, Iterator, Sequence, Tuple
 
 import pyro
 import torch
+import torch.distributions.kl as torch_kl
 from pyro.infer.elbo import ELBO
+
+
+@contextlib.contextmanager
+def restored_kl_registry() -> Iterator[None]:
+    """
+    Undo the registrations made inside the block with
+    :func:`torch.distributions.kl.register_kl` (and removals from torch's registry). Touches
+    torch's private registry, as only a test may.
+    """
+    saved = dict(torch_kl._KL_REGISTRY)
+    try:
+        yield
+    finally:
+        torch_kl._KL_REGISTRY.clear()
+        torch_kl._KL_REGISTRY.update(saved)
+        torch_kl._KL_MEMOIZE.clear()
 
 
 def loss_and_grad_stats(

@@ -139,6 +139,7 @@ def test_vectorized_particles_with_a_funsor_autoguide():
     reusing the one made while tracing gave funsor a traced plate size
     (``ValueError: invalid dtype`` in Pyro's test_autoguide.py::test_median).
     """
+    pytest.importorskip("funsor")  # an optional extra
     from pyro.infer.autoguide import AutoGaussian
 
     def model():

@@ -1,6 +1,7 @@
 # SPDX-FileCopyrightText: 2026 pyro-markov-kl developers
 # SPDX-License-Identifier: Apache-2.0
 
+import contextlib
 import math
 import warnings
 from typing import Callable, Dict
@@ -10,29 +11,37 @@ import pyro.distributions as dist
 import pytest
 import torch
 import torch.distributions as tdist
+from helpers import restored_kl_registry
 from pyro.distributions.torch_distribution import ExpandedDistribution
 from torch.distributions import transforms as T
+from torch.distributions.kl import register_kl
 
+from pyro_markov_kl import TraceMarkovKL_ELBO
 from pyro_markov_kl.kl import (
     KLDivergenceError,
     KLRule,
     compute_kl,
     find_kl_rule,
-    isolated_kl_registry,
-    kl_divergence,
-    register_kl,
     registry_version,
 )
-from pyro_markov_kl.kl_funsor import gaussian_kl
+from pyro_markov_kl.kl_pairs import gaussian_kl
 
 NUM_SAMPLES = 100_000
 
 
 @pytest.fixture(autouse=True)
 def _isolate():
-    """Undo every registration a test makes, in ours and torch's registries."""
-    with isolated_kl_registry():
+    """Undo every registration a test makes in torch's registry."""
+    with restored_kl_registry():
         yield
+
+
+def kl_divergence(q, p, kl_rules=None):
+    """KL(q || p) as the ELBO computes it: find_kl_rule, then compute_kl."""
+    rule, reason = find_kl_rule(q, p, kl_rules)
+    if rule is None:
+        raise NotImplementedError(reason)
+    return compute_kl(None, q, p, rule)
 
 
 def assert_close_mc(q, p, kl, num_samples=NUM_SAMPLES, seed=0):
@@ -120,7 +129,7 @@ def test_gaussian_pairs(kind_q, kind_p, batches):
     # torch's own result on the pair converted to full-covariance MVNs
     expected = tdist.kl_divergence(as_mvn(q), as_mvn(p))
     assert torch.allclose(kl, expected, rtol=1e-4, atol=1e-4)
-    # funsor fallback agrees too
+    # the Gaussian fallback agrees too
     assert torch.allclose(gaussian_kl(q, p), expected, rtol=1e-4, atol=1e-4)
     if batches in [((4,), ()), ((2, 1), (3,))]:
         assert_close_mc(q, p, kl)
@@ -131,16 +140,42 @@ def test_lowrank_mvn_cov_diag_batch():
     q = dist.LowRankMultivariateNormal(torch.randn(N), torch.randn(N, 2), torch.rand(4, N) + 1)
     p = make_gaussian("mvn", ())
     with pytest.raises(RuntimeError):
-        tdist.kl_divergence(q, p)
+        tdist.kl._kl_lowrankmultivariatenormal_multivariatenormal(q, p)
     kl, _ = check(q, p, "builtin")
     assert torch.allclose(kl, tdist.kl_divergence(as_mvn(q), as_mvn(p)), rtol=1e-4, atol=1e-4)
+    # ours replaces torch's registration, so torch's kl_divergence works too
+    assert torch.equal(tdist.kl_divergence(q, p), kl)
 
 
-def test_pyro_independent_mvn_agrees():
+def test_replaced_registrations_agree():
+    # the registrations ours replace return the same values where they return one
+    import pyro.distributions.kl as pyro_kl
+
     torch.manual_seed(2)
     q, p = make_gaussian("diag", (4,)), make_gaussian("mvn", (4,))
     kl, _ = check(q, p, "builtin")
-    assert torch.allclose(kl, tdist.kl_divergence(q, p), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(kl, pyro_kl._kl_independent_mvn(q, p), rtol=1e-5, atol=1e-5)
+    v = torch.randn(4, N)
+    assert torch.equal(
+        tdist.kl_divergence(dist.Delta(v).to_event(1), p),
+        pyro_kl._kl_independent_mvn(dist.Delta(v).to_event(1), p),
+    )
+    q = dist.Normal(torch.randn(2, 4, N), 1.0).to_event(2)
+    p = tdist.Independent(tdist.Independent(tdist.Normal(torch.randn(4, N), 2.0), 1), 1)
+    assert torch.allclose(
+        tdist.kl_divergence(q, p), pyro_kl._kl_independent_independent(q, p), rtol=1e-6
+    )
+    q, p = make_gaussian("lowrank", (4,)), make_gaussian("mvn", (4,))
+    assert torch.allclose(
+        tdist.kl_divergence(q, p),
+        tdist.kl._kl_lowrankmultivariatenormal_multivariatenormal(q, p),
+        rtol=1e-4,
+        atol=1e-4,
+    )
+    q, p = dist.LogNormal(torch.randn(3), 1.0), dist.LogNormal(0.0, 2.0)
+    assert torch.allclose(
+        tdist.kl_divergence(q, p), tdist.kl._kl_transformed_transformed(q, p), rtol=1e-6
+    )
 
 
 ################################################################################
@@ -156,7 +191,7 @@ def test_independent_different_ndims():
     q0, p0 = q.base_dist, p.base_dist.base_dist
     for a, b, expected in [(q, p, (q0, p0)), (p, q, (p0, q0))]:
         kl, rule = check(a, b, "builtin")
-        assert "Independent/Independent" in rule.description
+        assert "_kl_independent_independent" in rule.description
         assert torch.allclose(kl, tdist.kl_divergence(*expected).sum())
         assert_close_mc(a, b, kl)
 
@@ -173,13 +208,12 @@ def test_independent_mvn_vs_independent_normal(kind):
     torch.manual_seed(4)
     q = make_gaussian(kind, (5,)).to_event(1)  # event (5, 3)
     p = dist.Normal(torch.randn(5, N), 2.0).to_event(2)
-    if kind == "lowrank":  # Pyro's Independent rule finds no inner (torch) rule
-        with pytest.raises(NotImplementedError):
-            tdist.kl_divergence(p, q)
     for a, b in [(q, p), (p, q)]:
         kl, _ = check(a, b, "builtin")
         assert kl.shape == ()
         assert_close_mc(a, b, kl)
+        # registered with torch: Independent(Normal, 1) vs LowRank was missing before
+        assert torch.allclose(tdist.kl_divergence(a, b), kl)
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -200,7 +234,7 @@ def test_expanded_distribution():
     p = dist.Gamma(torch.rand(4) + 1, 1.0)
     for a, b in [(q, p), (p, q), (q, ExpandedDistribution(p, [2, 5, 4]))]:
         kl, rule = check(a, b, "builtin")
-        assert "ExpandedDistribution of [torch: _kl_gamma_gamma]" in rule.description
+        assert rule.description == "builtin: _kl_expanded of [torch: _kl_gamma_gamma]"
         assert_close_mc(a, b, kl)
 
 
@@ -221,7 +255,7 @@ def test_delta_log_density():
     ]
     for q in guides:
         kl, rule = check(q, p, "builtin")
-        assert "_kl_delta" in rule.description
+        assert "delta_kl" in rule.description
         expected = q.log_prob(v) - p.log_prob(v)
         assert torch.allclose(kl, expected, atol=1e-5)
         assert_close_mc(q, p, kl)
@@ -295,7 +329,7 @@ def test_transformed_same_transforms():
     ]
     for q, p in pairs:
         kl, rule = check(q, p, "builtin")
-        assert "TransformedDistribution with equal transforms" in rule.description
+        assert "_kl_transformed_transformed" in rule.description
         assert_close_mc(q, p, kl)
 
 
@@ -311,23 +345,52 @@ def test_transformed_different_transforms_declines():
     assert rule is None and "data dependent" in reason
     with pytest.raises(NotImplementedError, match="data dependent"):
         kl_divergence(q, p)
+    # torch's kl_divergence compares them by value, as torch's own registration did
+    assert tdist.kl_divergence(q, p) == 0
 
 
-def test_transformed_stale_rule():
+def test_transformed_rule_on_other_transforms():
     q = dist.LogNormal(0.0, 1.0)
     rule, _ = find_kl_rule(q, dist.LogNormal(1.0, 1.0))
     other = dist.TransformedDistribution(dist.Normal(1.0, 1.0), [T.SigmoidTransform()])
-    with pytest.raises(KLDivergenceError, match="find_kl_rule again"):
+    with pytest.raises(NotImplementedError, match="site 'z'.*transforms differ"):
         compute_kl("z", q, other, rule)
 
 
+def test_declining_builtin_reason_in_explain():
+    shift = torch.tensor(0.5, requires_grad=True)
+
+    def model():
+        pyro.sample(
+            "x", dist.TransformedDistribution(dist.Normal(0.0, 1.0), [T.SigmoidTransform()])
+        )
+        pyro.sample(
+            "y",
+            dist.TransformedDistribution(dist.Normal(0.0, 1.0), [T.AffineTransform(shift, 1.0)]),
+        )
+
+    def guide():
+        pyro.sample("x", dist.TransformedDistribution(dist.Normal(0.3, 1.0), [T.TanhTransform()]))
+        pyro.sample(
+            "y",
+            dist.TransformedDistribution(dist.Normal(0.2, 1.0), [T.AffineTransform(shift, 1.0)]),
+        )
+
+    plan = TraceMarkovKL_ELBO().explain(model, guide)
+    assert plan.sites["x"].estimator == "mc"
+    assert "transforms differ" in plan.sites["x"].reason
+    assert plan.sites["y"].estimator == "mc"
+    assert "data dependent" in plan.sites["y"].reason
+    assert "data dependent" in str(plan)
+
+
 ################################################################################
-# funsor fallback
+# Gaussian fallback
 ################################################################################
 
 
-def test_funsor_fallback_dispatch():
-    # Without torch's Normal rules, a Gaussian pair falls through to funsor.
+def test_gaussian_fallback_dispatch():
+    # Without torch's Normal rules, a Gaussian pair falls through to the fallback.
     reg = tdist.kl._KL_REGISTRY
     reg.pop((tdist.Normal, tdist.Normal))
     reg.pop((tdist.ExponentialFamily, tdist.ExponentialFamily))
@@ -335,13 +398,44 @@ def test_funsor_fallback_dispatch():
     torch.manual_seed(10)
     q = dist.Normal(torch.randn(2, 1), torch.rand(2, 1) + 0.5)
     p = dist.Normal(torch.randn(3), 2.0)
-    kl, rule = check(q, p, "funsor")
-    assert rule.description.startswith("funsor: exact Gaussian integral")
+    kl, rule = check(q, p, "gaussian")
+    assert rule.description.startswith("gaussian: gaussian_kl (Normal vs Normal")
     assert_close_mc(q, p, kl)
     assert find_kl_rule(dist.Gamma(1.0, 1.0), dist.Gamma(2.0, 1.0))[0].source == "torch"
 
 
-def test_funsor_structures():
+@pytest.mark.parametrize(
+    "kind_q,batches",
+    [
+        ("diag", ((2, 1), (3,))),
+        ("diag", ((), (4,))),
+        ("lowrank", ((2, 1), (3,))),
+        ("lowrank", ((4,), ())),
+    ],
+    ids=str,
+)
+def test_gaussian_fallback_monte_carlo(kind_q, batches):
+    # an independent reference: the mean of log q(x) - log p(x) over draws of q
+    torch.manual_seed(14)
+    q = make_gaussian(kind_q, batches[0])
+    p = make_gaussian("mvn", batches[1], scale=1.5)
+    kl = gaussian_kl(q, p)
+    assert kl.shape == torch.broadcast_shapes(q.batch_shape, p.batch_shape)
+    assert_close_mc(q, p, kl)
+
+
+def test_gaussian_fallback_hand_written():
+    # KL of diagonal Gaussians: sum of the scalar closed forms, by hand
+    torch.manual_seed(15)
+    mq, sq = torch.randn(2, 1, N), torch.rand(2, 1, N) + 0.5
+    mp, sp = torch.randn(3, N), torch.rand(3, N) + 0.5
+    q = dist.Normal(mq, sq).to_event(1)
+    p = dist.MultivariateNormal(mp, scale_tril=torch.diag_embed(sp))
+    by_hand = (sp.log() - sq.log() + (sq**2 + (mq - mp) ** 2) / (2 * sp**2) - 0.5).sum(-1)
+    assert torch.allclose(gaussian_kl(q, p), by_hand, rtol=1e-5, atol=1e-5)
+
+
+def test_gaussian_fallback_structures():
     torch.manual_seed(11)
     pairs = [
         (
@@ -357,9 +451,7 @@ def test_funsor_structures():
         assert torch.allclose(kl, kl_divergence(q, p), rtol=1e-4, atol=1e-4)
 
 
-def test_funsor_tiny_scales_high_dim():
-    # funsor's Integrate multiplies by exp(log normalizer) = exp(-n * 6.0) here,
-    # which underflows in float32 without the rescaling in gaussian_kl.
+def test_gaussian_fallback_tiny_scales_high_dim():
     torch.manual_seed(12)
     n = 40
     q = dist.Normal(torch.randn(n), 1e-3).to_event(1)
@@ -390,47 +482,65 @@ def _const(value):
     return fn
 
 
-def test_precedence_scoped_registry_torch():
+def test_precedence_scoped_torch():
     q, p = MyNormal(torch.zeros(3), 1.0), MyNormal(0.0, 2.0)
     rule, _ = find_kl_rule(q, p)
     assert rule.source == "torch" and rule.description == "torch: _kl_normal_normal"
-    # plain torch registrations keep working
-    tdist.register_kl(MyNormal, MyNormal)(_const(1))
+    # torch registrations are used (registration invalidates the plan caches)
+    version = registry_version()
+    register_kl(MyNormal, MyNormal)(_const(1))
+    assert registry_version() != version
     assert kl_divergence(q, p).tolist() == [1, 1, 1]
     assert find_kl_rule(q, p)[0].source == "torch"
-    # ours win over torch's (registration invalidates the dispatch cache)
-    register_kl(MyNormal, MyNormal)(_const(2))
-    assert kl_divergence(q, p).tolist() == [2, 2, 2]
-    assert find_kl_rule(q, p)[0].source == "registry"
     # scoped rules win over everything, even when less specific
     rules = {(tdist.Distribution, tdist.Distribution): _const(3)}
     assert kl_divergence(q, p, kl_rules=rules).tolist() == [3, 3, 3]
     assert find_kl_rule(q, p, rules)[0].source == "scoped"
     # other instances (no kl_rules) are unaffected
-    assert kl_divergence(q, p).tolist() == [2, 2, 2]
+    assert kl_divergence(q, p).tolist() == [1, 1, 1]
 
 
 def test_registry_version():
     v0 = registry_version()
     assert registry_version() == v0
-    with isolated_kl_registry():
-        register_kl(MyNormal, MyNormal)(_const(2))
-        v1 = registry_version()
-        assert v1 != v0
-        tdist.register_kl(MyNormal, MyNormal)(_const(1))
-        assert registry_version() not in (v0, v1)
-    assert registry_version() != v1
+    register_kl(MyNormal, MyNormal)(_const(2))
+    v1 = registry_version()
+    assert v1 != v0
+    register_kl(MyNormal, MyNormal)(_const(1))  # rebinding a pair
+    v2 = registry_version()
+    assert v2 not in (v0, v1)
+    tdist.kl._KL_REGISTRY.pop((MyNormal, MyNormal))
+    assert registry_version() not in (v0, v1, v2)
 
 
-def test_registry_restored():
-    q, p = MyNormal(0.0, 1.0), MyNormal(0.0, 2.0)
-    with isolated_kl_registry():
-        register_kl(MyNormal, MyNormal)(_const(2))
-        tdist.register_kl(MyNormal, MyNormal)(_const(1))
-        assert find_kl_rule(q, p)[0].source == "registry"
-    rule, _ = find_kl_rule(q, p)
-    assert rule.description == "torch: _kl_normal_normal"
-    assert (MyNormal, MyNormal) not in tdist.kl._KL_REGISTRY
+def test_scoped_rules_leave_torch_registry_untouched():
+    registry = dict(tdist.kl._KL_REGISTRY)
+    q = MyNormal(torch.zeros(2, 3), 1.0).to_event(1)
+    p = MyNormal(torch.zeros(2, 3), 1.0).to_event(1)
+    rules = {(MyNormal, MyNormal): _const(1)}
+    rule, _ = find_kl_rule(q, p, rules)
+    assert rule.description.startswith("builtin: _kl_independent_independent of [scoped: ")
+    assert rule.description.endswith(" registered for (MyNormal, MyNormal)]")
+    assert compute_kl("z", q, p, rule).tolist() == [3, 3]
+
+    def model():
+        pyro.sample("z", MyNormal(torch.zeros(2, 3), 1.0).to_event(2))
+
+    def guide():
+        pyro.sample("z", MyNormal(torch.ones(2, 3), 1.0).to_event(2))
+
+    elbo = TraceMarkovKL_ELBO(kl_rules=rules)
+    assert elbo.loss(model, guide) == pytest.approx(6.0)
+    assert tdist.kl._KL_REGISTRY == registry
+    # torch's kl_divergence and other ELBOs do not see them
+    assert torch.allclose(tdist.kl_divergence(q, p), torch.zeros(2))
+    assert TraceMarkovKL_ELBO().loss(model, guide) == pytest.approx(3.0)
+
+
+def test_scoped_rules_ambiguous():
+    rules = {(MyNormal, tdist.Normal): _const(1), (tdist.Normal, MyNormal): _const(2)}
+    with pytest.warns(RuntimeWarning, match=r"Ambiguous kl_rules.*add \(MyNormal, MyNormal\)"):
+        find_kl_rule(MyNormal(0.0, 1.0), MyNormal(0.0, 1.0), rules)
 
 
 def test_most_specific_and_ambiguous():
@@ -454,8 +564,8 @@ def test_same_function_for_two_pairs_is_not_ambiguous():
         pass
 
     fn = tdist.kl._KL_REGISTRY[tdist.Normal, tdist.Beta]
-    tdist.register_kl(MyNormal, tdist.Beta)(fn)
-    tdist.register_kl(tdist.Normal, MyBeta)(fn)
+    register_kl(MyNormal, tdist.Beta)(fn)
+    register_kl(tdist.Normal, MyBeta)(fn)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         rule, _ = find_kl_rule(MyNormal(0.0, 1.0), MyBeta(1.0, 1.0))
@@ -466,7 +576,7 @@ def test_specific_torch_registration_beats_generic_builtin():
     q = MyIndependent(dist.Normal(torch.zeros(2, 3), 1.0), 1)
     p = MyIndependent(dist.Normal(torch.zeros(2, 3), 2.0), 1)
     assert find_kl_rule(q, p)[0].source == "builtin"
-    tdist.register_kl(MyIndependent, MyIndependent)(_const(5))
+    register_kl(MyIndependent, MyIndependent)(_const(5))
     rule, _ = find_kl_rule(q, p)
     assert rule.source == "torch"
     assert compute_kl("z", q, p, rule).tolist() == [5, 5]
@@ -479,6 +589,94 @@ def test_user_rule_applies_inside_builtin_composites():
     assert kl_divergence(q, p).tolist() == [6, 6]
     rules = {(MyNormal, MyNormal): _const(1)}
     assert kl_divergence(q, p, kl_rules=rules).tolist() == [3, 3]
+
+
+@pytest.mark.parametrize("wrap", ["independent", "expanded", "expanded-independent"])
+def test_torch_registration_inside_wrappers(wrap):
+    # a user's rule registered with torch's register_kl, used inside Independent and
+    # ExpandedDistribution by torch's kl_divergence and by the ELBO
+    class MyGamma(dist.Gamma):
+        pass
+
+    register_kl(MyGamma, MyGamma)(_const(2))
+
+    def wrapped(d):
+        if wrap == "independent":
+            return d.to_event(1)
+        d = ExpandedDistribution(d, [4, 3])
+        return d.to_event(1) if wrap == "expanded-independent" else d
+
+    expected = torch.full((4,), 6.0) if wrap != "expanded" else torch.full((4, 3), 2.0)
+    if wrap == "independent":
+        expected = torch.full((), 6.0)
+    q, p = wrapped(MyGamma(torch.ones(3), 1.0)), wrapped(MyGamma(torch.ones(3), 2.0))
+    assert torch.equal(tdist.kl_divergence(q, p), expected)
+    rule, _ = find_kl_rule(q, p)
+    assert rule.source == "builtin" and "[torch: " in rule.description
+    assert torch.equal(compute_kl("z", q, p, rule), expected)
+
+    def in_plates(d):
+        with contextlib.ExitStack() as stack:
+            for i, size in enumerate(expected.shape):
+                stack.enter_context(pyro.plate(f"plate_{i}", size, dim=i - expected.dim()))
+            pyro.sample("z", d)
+
+    def model():
+        in_plates(wrapped(MyGamma(torch.ones(3), 2.0)))
+
+    def guide():
+        in_plates(wrapped(MyGamma(torch.ones(3), 1.0)))
+
+    assert TraceMarkovKL_ELBO().loss(model, guide) == pytest.approx(expected.sum().item())
+
+
+def test_dispatch_of_torch_and_pyro_pairs_unchanged():
+    # In a fresh interpreter: registering the built-in pairs changes torch's dispatch only
+    # for the pairs whose torch/Pyro function it replaces, and adds no ambiguity.
+    script = """
+import importlib, inspect, json, sys, warnings
+import torch.distributions as td, torch.distributions.kl as k
+import pyro.distributions as pd
+import pyro.distributions.kl as pkl
+
+classes = sorted({c for m in (td, pd) for c in vars(m).values()
+                  if inspect.isclass(c) and issubclass(c, td.Distribution)}, key=repr)
+
+def table():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return {(a, b): k._dispatch_kl(a, b) for a in classes for b in classes}
+
+if sys.argv[1] in sys.modules:  # importing torch or Pyro registers them already
+    print(json.dumps({"skip": True}))
+    sys.exit()
+before = table()
+kl_pairs = importlib.import_module(sys.argv[1])
+after = table()
+replaced = {
+    k._kl_lowrankmultivariatenormal_multivariatenormal, k._kl_transformed_transformed,
+    pkl._kl_independent_independent, pkl._kl_independent_mvn, pkl._kl_delta,
+}
+bad = [(a.__name__, b.__name__) for (a, b), fn in before.items()
+       if fn is not NotImplemented and after[a, b] is not fn and fn not in replaced]
+new = sum(fn is NotImplemented and after[ab] is not NotImplemented for ab, fn in before.items())
+assert all(fn in set(kl_pairs.BUILTIN_KL.values()) or fn is before[ab]
+           for ab, fn in after.items()), "unexpected function"
+print(json.dumps({"bad": bad, "new": new}))
+"""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", script, gaussian_kl.__module__], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    if result.get("skip"):
+        pytest.skip("the built-in pairs are registered on importing Pyro")
+    assert result["bad"] == []
+    assert result["new"] > 0
 
 
 def test_no_ambiguity_among_builtins():
@@ -519,14 +717,12 @@ def test_expfamily_different_types_declines():
     tdist.kl._KL_REGISTRY.pop((tdist.Gamma, tdist.Gamma))
     tdist.kl._KL_MEMOIZE.clear()
     rule, reason = find_kl_rule(MyGamma(1.0, 1.0), dist.Gamma(2.0, 1.0))
-    assert rule is None and "identical types" in reason
+    assert rule is None and "different exponential families" in reason
     rule, _ = find_kl_rule(dist.Gamma(1.0, 1.0), dist.Gamma(2.0, 1.0))
     assert rule.description == "torch: _kl_expfamily_expfamily"
 
 
-def test_registration_type_errors():
-    with pytest.raises(TypeError):
-        register_kl(int, tdist.Normal)
+def test_kl_rules_type_errors():
     with pytest.raises(TypeError):
         find_kl_rule(dist.Normal(0.0, 1.0), dist.Normal(0.0, 1.0), {(int, tdist.Normal): None})
 
@@ -686,7 +882,7 @@ def test_closed_form_gradients(kind_q, kind_p):
     assert_grads_match_mc(make, params)
 
 
-def test_funsor_gradients():
+def test_gaussian_fallback_gradients():
     params = {**_gaussian_params("diag", "q_", 1.0), **_gaussian_params("mvn", "p_", 1.5)}
 
     def make(ps):
