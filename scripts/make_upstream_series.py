@@ -140,7 +140,9 @@ What:
   LowRankMultivariateNormal and back, LowRankMultivariateNormal against
   MultivariateNormal, Independent against Independent with any
   reinterpreted_batch_ndims, TransformedDistribution pairs with matching
-  transforms, ExpandedDistribution on either side, and Delta against
+  transforms, a TransformedDistribution whose transforms are identities or
+  one affine map of a Normal (as AutoNormalMessenger builds) against any
+  distribution, ExpandedDistribution on either side, and Delta against
   ExpandedDistribution. Pyro's (Independent, Independent) and (Independent,
   MultivariateNormal) functions are replaced by ones that return the same
   value wherever those return one, as are torch's
@@ -297,39 +299,63 @@ How tested: TraceMarkovKL_ELBO (and its JIT twin where Pyro lists
 JitTraceMeanField_ELBO) joins TraceMeanField_ELBO in the ELBO parametrizations
 of tests/infer/test_gradient.py, test_valid_models.py and test_jit.py. New
 tests: the tests listed below; the statistical and reference tests follow in
-patch 4.
+patches 4 and 5.
 
-What follows: reference tests (patch 4); TraceEnumMarkovKL_ELBO (patch 5).""",
+What follows: reference tests (patches 4 and 5); TraceEnumMarkovKL_ELBO
+(patch 6).""",
     ),
     PatchSpec(
-        slug="trace-markov-kl-elbo-reference-tests",
-        title="Test TraceMarkovKL_ELBO against exact ELBOs, recorded values and Trace_ELBO",
-        tests=_tests(
-            "test_closed_form",
-            "test_recorded_values",
-            "test_property_recorded",
-            "test_property_plates",
-            "test_drop_in",
-        ),
+        slug="trace-markov-kl-elbo-exact-tests",
+        title="Test TraceMarkovKL_ELBO against exact ELBOs and Trace_ELBO",
+        tests=_tests("test_closed_form", "test_property_plates", "test_drop_in"),
         description="""\
 What: tests only. test_closed_form.py compares the loss and gradients of
 TraceMarkovKL_ELBO with the exact ELBO of linear-Gaussian state-space models
 (linear_gaussian.py computes it in closed form), for forward and backward
-guides, scales and masks; test_recorded_values.py and test_property_recorded.py
-check losses and plans against values recorded from reference programs
-(recorded.py); test_property_plates.py checks unbiasedness against a plate-free
-Trace_ELBO over generated plate structures; test_drop_in.py checks that the
-class behaves as Trace_ELBO where Trace_ELBO's behaviour is the contract
-(factors, deterministic sites, observed guide sites, warnings, shape errors,
+guides, scales, masks and per-site overrides, and checks that the harness
+would catch an estimator that ignored a dependency; test_property_plates.py
+checks unbiasedness against a plate-free Trace_ELBO over generated plate
+structures (and that dropping the plate sums makes the comparison fail);
+test_drop_in.py checks that the class behaves as Trace_ELBO where
+Trace_ELBO's behaviour is the contract (factors, deterministic sites,
+observed guide sites, auxiliary guide sites, warnings, shape errors,
 autoguides).
 
 Why separate: patch 3 is large; these tests add confidence in its estimator
-without adding code, and can be reviewed (or moved to the integration stage)
-on their own.
+without adding code, and can be reviewed, or moved to Pyro's integration
+stage, on their own.
 
-How tested: they pass on patch 3. test_closed_form.py takes tens of seconds.
+How tested: they pass on patch 3; test_closed_form.py and
+test_property_plates.py take a few minutes together.
 
-What follows: TraceEnumMarkovKL_ELBO (patch 5).""",
+What follows: tests against recorded reference programs (patch 5),
+TraceEnumMarkovKL_ELBO (patch 6).""",
+    ),
+    PatchSpec(
+        slug="trace-markov-kl-elbo-recorded-tests",
+        title="Test TraceMarkovKL_ELBO on latents that reach later sites through "
+        "recorded values and factors",
+        tests=_tests("test_recorded_values", "test_property_recorded"),
+        description="""\
+What: tests only. A latent that reaches a later site only through a value
+recorded at a site (pyro.deterministic, an observation at a value computed
+from it) or through a factor a handler scales or masks a site by
+(poutine.scale, poutine.mask) is a dependency like any other: the
+score-function costs include the terms it reaches, and the analytic KL is not
+used where such a hidden model parent is a guide descendant.
+test_recorded_values.py has a hand-written program of each kind;
+test_property_recorded.py draws random programs of these families
+(recorded.py builds them, with exact ELBOs where they exist), including
+guide edges and transforms switched by call arguments, and checks the
+estimator against the exact value or Trace_ELBO.
+
+Why separate: as patch 4, confidence without code; the program generator is
+a long file of its own.
+
+How tested: they pass on patch 4; test_property_recorded.py takes a few
+minutes.
+
+What follows: TraceEnumMarkovKL_ELBO (patch 6).""",
     ),
     PatchSpec(
         slug="trace-enum-markov-kl-elbo",
