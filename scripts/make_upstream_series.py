@@ -1998,7 +1998,7 @@ def report_line(result: CheckResult) -> str:
         tests += f" ({result.failed_runs} run(s) FAILED)"
     extra = ", ".join(f"{c[w]} {w}" for w in ("skipped", "xfailed", "xpassed") if c.get(w))
     return (
-        f"{result.patch.name:<44} +{added:<5} -{removed:<4} {len(result.patch.diffs):>3} files  "
+        f"{result.patch.name:<52} +{added:<5} -{removed:<4} {len(result.patch.diffs):>3} files  "
         f"lint {'ok' if result.lint_ok else 'FAILED'}  tests {tests}"
         + (f" ({extra})" if extra else "")
         + f"  [{result.seconds:.0f} s]"
