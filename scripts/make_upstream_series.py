@@ -120,8 +120,7 @@ JIT_ELBO_EDITS = {**ELBO_EDITS, "JitTraceMeanField_ELBO": "JitTraceMarkovKL_ELBO
 SERIES: Tuple[PatchSpec, ...] = (
     PatchSpec(
         slug="kl-divergences",
-        title="Add closed-form KL divergences for Gaussian, Independent, transformed and "
-        "expanded pairs, and a per-site KL lookup",
+        title="Add closed-form KL divergences for more pairs and a per-site KL lookup",
         modules={"kl_rule": "pyro/distributions/kl_rule.py", **_sub("kl", "batched_kl")},
         moves={"kl_pairs": "pyro/distributions/kl.py"},
         move_comment="Closed forms for the pairs of autoguides, plates and transforms\n"
@@ -216,7 +215,7 @@ and the guide under the tracker.""",
     ),
     PatchSpec(
         slug="trace-markov-kl-elbo",
-        title="Add TraceMarkovKL_ELBO: the analytic KL of each site where it is unbiased",
+        title="Add TraceMarkovKL_ELBO: per-site analytic KL where it is unbiased",
         modules={
             **_sub(
                 "dependencies",
@@ -333,8 +332,7 @@ TraceEnumMarkovKL_ELBO (patch 6).""",
     ),
     PatchSpec(
         slug="trace-markov-kl-elbo-recorded-tests",
-        title="Test TraceMarkovKL_ELBO on latents that reach later sites through "
-        "recorded values and factors",
+        title="Test TraceMarkovKL_ELBO with dependencies through recorded values",
         tests=_tests("test_recorded_values", "test_property_recorded"),
         description="""\
 What: tests only. A latent that reaches a later site only through a value
@@ -359,8 +357,7 @@ What follows: TraceEnumMarkovKL_ELBO (patch 6).""",
     ),
     PatchSpec(
         slug="trace-enum-markov-kl-elbo",
-        title="Add TraceEnumMarkovKL_ELBO: TraceEnum_ELBO with the analytic KL of each "
-        "site where it is unbiased",
+        title="Add TraceEnumMarkovKL_ELBO: TraceEnum_ELBO with per-site analytic KL",
         modules={
             **_sub("enum_plan"),
             "trace_enum_markov_kl_elbo": "pyro/infer/trace_enum_markov_kl_elbo.py",
@@ -1755,7 +1752,7 @@ def write_series(series: Series, output: Path) -> None:
 def single_patch(series: Series) -> str:
     """The whole series as one patch against the Pyro tree."""
     diffs = []
-    for path, text in series.final.items():
+    for path, text in sorted(series.final.items()):
         if path == DOCS_PATH and series.docs_synthetic:
             diffs.append(docs_fragment_diff(series.base[path] or "", text))
         else:
