@@ -197,9 +197,9 @@ reachable_tensors(obj) lists the tensors reachable from a Python object
 
 Why a new module rather than pyro/ops/provenance.py: pyro.ops.provenance
 tracks provenance with a tensor subclass (ProvenanceTensor, through
-__torch_function__) that the program must carry, and which in-place writes into
-plain buffers, .data and detach() lose; it is imported by pyro.nn.module, so by
-every `import pyro`. The dispatch-level tracker watches an unmodified program,
+__torch_function__) that the program must carry, and which loses in-place
+writes into plain buffers; it is imported by pyro.nn.module, so by every
+`import pyro`. The dispatch-level tracker watches an unmodified program,
 needs torch's private dispatch-mode API (torch.utils._python_dispatch), and is
 imported only by the ELBO that uses it (patch 3). Keeping the two apart keeps
 that API out of `import pyro` and leaves the choice between them, for
