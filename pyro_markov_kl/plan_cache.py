@@ -61,8 +61,12 @@ def _mask_signature(mask: Any) -> Any:
 
 
 def _shape(shape: Any) -> Any:
+    if shape is None:
+        return None
+    if type(shape) is torch.Size and not torch._C._get_tracing_state():
+        return shape  # a tuple of ints, equal to (and hashing as) the tuple
     # plain ints: under Pyro's JIT, sizes hash by identity although they compare equal
-    return None if shape is None else tuple(int(d) for d in shape)
+    return tuple(int(d) for d in shape)
 
 
 def _factor_signature(x: Any) -> Any:

@@ -7,11 +7,13 @@ import functools
 import time
 import warnings
 import weakref
+from types import SimpleNamespace
 from typing import Any, Callable, Mapping, Optional, Tuple
 
 import pyro.ops.jit
 import torch
 from pyro import poutine
+from pyro.distributions.util import broadcast_shape
 from pyro.infer.trace_elbo import JitTrace_ELBO, Trace_ELBO
 from pyro.infer.util import is_validation_enabled, torch_item
 from pyro.poutine.trace_struct import Trace
@@ -339,13 +341,22 @@ def check_site_shapes(trace: Trace, max_plate_nesting: float) -> None:
             fn, value = site["fn"], site["value"]
             try:
                 batch = value.shape[: value.dim() - len(fn.event_shape)]
-                shape = torch.broadcast_shapes(fn.batch_shape, batch)
-            except (AttributeError, RuntimeError):
+                shape = broadcast_shape(fn.batch_shape, batch)
+            except (AttributeError, ValueError):
                 shape = fn.log_prob(value).shape
-            for factor in (site["scale"], site["mask"]):  # scale_and_mask broadcasts
+            for kind in ("scale", "mask"):  # scale_and_mask broadcasts
+                factor = site[kind]
                 if torch.is_tensor(factor):
-                    shape = torch.broadcast_shapes(shape, factor.shape)
-            site = dict(site, log_prob=torch.empty(shape, device="meta"))
+                    try:
+                        shape = broadcast_shape(shape, factor.shape)
+                    except ValueError as e:  # the error type of Trace_ELBO's scale_and_mask
+                        raise RuntimeError(
+                            f"at site {site['name']!r}: the {kind} of shape "
+                            f"{tuple(factor.shape)} does not broadcast with the log_prob shape "
+                            f"{tuple(shape)}"
+                        ) from e
+            # check_site_shape reads only the shape of the log-density
+            site = dict(site, log_prob=SimpleNamespace(shape=torch.Size(shape)))
         check_site_shape(site, max_plate_nesting)
 
 

@@ -534,3 +534,18 @@ def test_mask_beyond_plates_without_validation_is_unbiased():
         ours = loss_and_grad_stats(elbo, model, guide, [pyro.param("p").unconstrained()], 50)
     z = z_scores(ours, exact)
     assert z["loss"] < 5 and z["grad"].max() < 5, z
+
+
+def test_mask_that_does_not_broadcast_raises_runtime_error_as_in_trace_elbo():
+    def model():
+        with pyro.plate("n", 3):
+            pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    def guide():
+        with pyro.plate("n", 3), poutine.mask(mask=torch.tensor([True, False])):
+            pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(RuntimeError):
+        Trace_ELBO().loss(model, guide)
+    with pytest.raises(RuntimeError, match=r"at site 'z': the mask of shape \(2,\)"):
+        TraceMarkovKL_ELBO().loss(model, guide)
