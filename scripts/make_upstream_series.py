@@ -1475,11 +1475,10 @@ class Series:
     source_note: str
 
 
-def tree_state(
-    k: int, base: Path, docs_base: str, ruff_staging: Path
-) -> Tuple[Dict[str, str], Dict[str, TestModule]]:
+def tree_state(k: int, base: Path, docs_base: str) -> Tuple[Dict[str, str], Dict[str, TestModule]]:
     """
-    Every file the first ``k`` patches add or change, unformatted: path -> content.
+    The tree after the first ``k`` patches: every file they add or change, unformatted
+    (path -> content), and our test modules present in it (stem -> module).
     """
     state = TreeState(k)
     files: Dict[str, str] = {}
@@ -1550,7 +1549,7 @@ def build_series(base: Path, source_note: str, ruff: List[str]) -> Series:
         states: List[Dict[str, str]] = [{}]
         tests_at: List[Dict[str, TestModule]] = [{}]
         for k in range(1, len(SERIES) + 1):
-            files, tests = tree_state(k, base, docs_base, staging)
+            files, tests = tree_state(k, base, docs_base)
             for path, text in files.items():
                 (staging / path).parent.mkdir(parents=True, exist_ok=True)
                 (staging / path).write_text(text, encoding="utf-8")
