@@ -471,8 +471,6 @@ PYRO_HEADERS = (
 
 #: Text rewrites applied after the imports are rewritten: (pattern, replacement).
 TEXT_REWRITES = (
-    # provenance.py: frames in pyro's own directory already cover the moved modules
-    (r',\s*__import__\("pyro_markov_kl"\)', ""),
     (
         r"\bpyro_markov_kl\.(JitTraceMarkovKL_ELBO|TraceMarkovKL_ELBO)\b",
         r"pyro.infer.trace_markov_kl_elbo.\1",
