@@ -377,6 +377,84 @@ def test_jit_trains_one_epoch(tiny_data: Path, elbo: str) -> None:
     assert math.isfinite(result["test_nll_per_slice"])
 
 
+def _bucketed_batch(tiny_data: Path, pad_to: int) -> tuple:
+    from pyro_markov_kl.data import get_mini_batch
+
+    train = load_polyphonic_pickle(tiny_data)["train"]
+    return get_mini_batch(
+        torch.arange(3), train["sequences"], train["sequence_lengths"], pack=False, pad_to=pad_to
+    )
+
+
+@pytest.mark.parametrize("pad", [0, 3])
+def test_jit_on_a_bucketed_batch_equals_eager(tiny_data: Path, pad: int) -> None:
+    """
+    The compiled estimator on the mini-batch padded to a bucket length (masked steps) gives the
+    loss and the gradients of the eager estimator on the unpadded, packed mini-batch, at the
+    same seed: the forward guide draws the valid steps first, and masked steps add nothing.
+    """
+    from pyro_markov_kl import JitTraceMarkovKL_ELBO, TraceMarkovKL_ELBO
+    from pyro_markov_kl.examples.dmm import DMM
+
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    dmm = DMM(z_dim=3, emission_dim=6, transition_dim=6, rnn_dim=6)
+    eager_batch = _tiny_batch(tiny_data)
+    T = eager_batch[0].size(1)
+    jit_batch = _bucketed_batch(tiny_data, T + pad)
+    assert jit_batch[0].shape[1] == T + pad
+    factor = torch.tensor(0.7)
+    params = list(dmm.parameters())
+    jit_elbo = JitTraceMarkovKL_ELBO(max_plate_nesting=1, ignore_jit_warnings=True)
+    eager = TraceMarkovKL_ELBO(max_plate_nesting=1)
+    pyro.set_rng_seed(1)
+    jit_elbo.differentiable_loss(dmm.model, dmm.guide, *jit_batch, factor)  # compile
+    for seed in (2, 3):
+        results = []
+        for elbo, batch in ((jit_elbo, jit_batch), (eager, eager_batch)):
+            pyro.set_rng_seed(seed)
+            loss = elbo.differentiable_loss(dmm.model, dmm.guide, *batch, factor)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            results.append((loss.item(), grads))
+        (jit_loss, jit_grads), (eager_loss, eager_grads) = results
+        assert jit_loss == pytest.approx(eager_loss, rel=1e-5, abs=1e-4)
+        for a, b in zip(jit_grads, eager_grads):
+            a = torch.zeros_like(b) if a is None else a
+            b = torch.zeros_like(a) if b is None else b
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("elbo", ["markov-kl", "trace"])
+def test_jit_compiles_at_most_one_graph_per_bucket(
+    tiny_data: Path, elbo: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from pyro_markov_kl.data import bucket_lengths
+
+    traces = []
+    real_trace = torch.jit.trace
+
+    def counting_trace(*args: Any, **kwargs: Any) -> Any:
+        traces.append(args[1][-5].shape)  # the mini-batch among the traced inputs
+        return real_trace(*args, **kwargs)
+
+    monkeypatch.setattr(torch.jit, "trace", counting_trace)
+    # the tiny training sequences have 3, 4, 5, 3, 4 steps: mini-batches of 2 are 3 to 5 long
+    buckets = bucket_lengths(5, 2)
+    assert buckets == [2, 5]
+    result = _run(tiny_data, "-n", "3", "--jit", "--jit-buckets", "2", "--elbo", elbo)
+    assert 1 <= len(traces) == result["jit_graphs"] <= len(buckets)
+    assert set(result["jit_graph_lengths"]) <= set(buckets)
+    assert all(shape[1] in buckets for shape in traces)
+    out = capsys.readouterr().out
+    assert f"jit: {result['jit_graphs']} compiled graph(s)" in out
+    assert "jit: mini-batches padded to the bucket lengths [2, 5]" in out
+    # without buckets, one graph per mini-batch shape (length, and size of the last batch)
+    traces.clear()
+    result = _run(tiny_data, "-n", "3", "--jit", "--jit-buckets", "0", "--elbo", elbo)
+    assert len(traces) == result["jit_graphs"] > len(buckets)
+    assert set(result["jit_graph_lengths"]) <= {3, 4, 5}
+
+
 @pytest.mark.parametrize("script", ["dmm_compare", "dmm_distributed"])
 def test_scripts_on_the_dmm_parser_reject_its_new_options(
     script: str, capsys: pytest.CaptureFixture

@@ -85,6 +85,8 @@ from tqdm.auto import tqdm
 from pyro_markov_kl.data import (
     SPLITS,
     PolyphonicDataError,
+    bucket_length,
+    bucket_lengths,
     get_mini_batch,
     load_jsb_chorales,
     load_polyphonic_pickle,
@@ -387,7 +389,7 @@ class DMM(nn.Module):
         T_max = mini_batch.size(1)
         rnn_output, _ = self.rnn(mini_batch_reversed, h_0)
         if isinstance(rnn_output, PackedSequence):
-            rnn_output = pad_and_reverse(rnn_output, mini_batch_seq_lengths)
+            rnn_output = pad_and_reverse(rnn_output, mini_batch_seq_lengths, T_max)
         else:
             # padded input: the padding follows each reversed sequence, so the outputs at the
             # valid steps are those of the packed run; reversing zeroes the rest
@@ -448,7 +450,9 @@ def build_elbo(
     :param int max_plate_nesting: the number of plates (the DMM has one).
     :param bool jit: the compiled twin (:class:`pyro_markov_kl.JitTraceMarkovKL_ELBO`,
         :class:`pyro.infer.JitTrace_ELBO`, :class:`pyro.infer.JitTraceMeanField_ELBO`).
-    :param kwargs: further constructor arguments of the ELBO.
+    :param kwargs: further constructor arguments of the ELBO (with ``jit``,
+        ``ignore_jit_warnings`` defaults to ``True``: the tracer warns at every traced shape
+        check of the model, distributions and estimator, which the bucketed graphs do not need).
     :return: the ELBO instance.
     :rtype: pyro.infer.elbo.ELBO
     """
@@ -463,6 +467,8 @@ def build_elbo(
         cls = JitTraceMeanField_ELBO if jit else TraceMeanField_ELBO
     else:
         raise ValueError(f"unknown ELBO {name!r}; expected one of {ELBO_NAMES}")
+    if jit:
+        kwargs.setdefault("ignore_jit_warnings", True)
     return cls(
         num_particles=num_particles,
         vectorize_particles=vectorize_particles,
@@ -603,6 +609,14 @@ def make_parser() -> argparse.ArgumentParser:
         "tensor (same result as the packed one, which the tracer cannot take) and the "
         "evaluation uses the uncompiled ELBO",
     )
+    parser.add_argument(
+        "--jit-buckets",
+        type=int,
+        default=8,
+        help="with --jit, pad every mini-batch (masked) to the next of at most this many bucket "
+        "lengths, evenly spaced up to the longest training sequence, so that at most this many "
+        "graphs are compiled (0: no padding, one graph per mini-batch length)",
+    )
     checkpoints = parser.add_argument_group(
         "checkpoints",
         "--checkpoint/--resume save and restore everything a run needs to continue its curve "
@@ -662,6 +676,30 @@ def annealing_factor(
         step = mini_batch + epoch * num_mini_batches + 1
         return min_factor + (1.0 - min_factor) * step / (annealing_epochs * num_mini_batches)
     return 1.0
+
+
+def compile_loss(
+    svi: SVI, elbo: ELBO, batch: Sequence[torch.Tensor], factor: torch.Tensor
+) -> float:
+    """
+    Trace and compile the loss of ``svi`` (whose loss is the compiled ``elbo``) for the shape
+    of ``batch`` by evaluating it once, without a parameter update; return the time that took.
+    The model and guide are those held by ``svi``: Pyro's compiled ELBOs key their graphs on the
+    identity of the model and guide callables, and every ``dmm.model`` is a new bound method.
+
+    Tracing runs the model and guide several times and so draws random numbers: they are drawn
+    from a forked generator (:func:`torch.random.fork_rng`), so that the run's random stream is
+    the one an uncompiled run draws, whenever graphs are compiled (a resumed run continues the
+    same curve).
+    """
+    device = batch[0].device
+    start = time.perf_counter()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if isinstance(elbo, JitTraceMeanField_ELBO):  # it compiles its differentiable loss
+            elbo.differentiable_loss(svi.model, svi.guide, *batch, factor)
+        else:
+            elbo.loss_and_surrogate_loss(svi.model, svi.guide, *batch, factor)
+    return time.perf_counter() - start
 
 
 def nll_per_slice(elbo: ELBO, dmm: DMM, sequences: torch.Tensor, lengths: torch.Tensor) -> float:
@@ -1010,6 +1048,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """
     parser = make_parser()
     args = parser.parse_args(argv)
+    if args.jit_buckets < 0:
+        parser.error("--jit-buckets must be at least 0")
     for name in ("num_epochs", "batch_size", "num_particles", "test_particles", "iaf_dim"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -1107,11 +1147,11 @@ def _run(args: argparse.Namespace) -> Dict[str, Any]:
     # Pyro's compiled ELBOs compile once per number of arguments and reuse the graph for every
     # shape, but the DMM's graph depends on the mini-batch's shape (its number of time steps):
     # one compiled ELBO per shape (JitTraceMarkovKL_ELBO keys its graphs on shapes itself)
-    svi_by_shape: Dict[Tuple[int, ...], SVI] = {}
+    svi_by_shape: Dict[Tuple[int, ...], Tuple[SVI, ELBO]] = {}
 
-    def svi_for(batch: Sequence[torch.Tensor]) -> SVI:
+    def svi_for(batch: Sequence[torch.Tensor]) -> Tuple[SVI, ELBO]:
         if not args.jit or args.elbo == "markov-kl":
-            return svi
+            return svi, elbo
         shape = tuple(batch[0].shape)
         if shape not in svi_by_shape:
             loss = build_elbo(
@@ -1120,8 +1160,16 @@ def _run(args: argparse.Namespace) -> Dict[str, Any]:
                 vectorize_particles=args.vectorize_particles,
                 jit=True,
             )
-            svi_by_shape[shape] = SVI(dmm.model, dmm.guide, optim, loss=loss)
+            svi_by_shape[shape] = SVI(dmm.model, dmm.guide, optim, loss=loss), loss
         return svi_by_shape[shape]
+
+    # --jit: pad each mini-batch to a bucket length, so that a handful of graphs is compiled;
+    # the first step at each new shape traces and compiles, and is timed as the compile time
+    buckets: Optional[List[int]] = None
+    if args.jit and args.jit_buckets > 0:
+        buckets = bucket_lengths(int(train_lengths.max()), args.jit_buckets)
+        print(f"jit: mini-batches padded to the bucket lengths {buckets}", flush=True)
+    compile_seconds: Dict[Tuple[int, ...], float] = {}
 
     train_losses: List[float] = []
     evaluations: List[Dict[str, float]] = []
@@ -1149,6 +1197,7 @@ def _run(args: argparse.Namespace) -> Dict[str, Any]:
     for epoch in range(start_epoch, args.num_epochs):
         epoch_start = time.perf_counter()
         epoch_loss = 0.0
+        new_graphs = 0
         # shuffle on the CPU generator whatever the device, so that runs agree across devices
         shuffled = torch.randperm(num_train)
         progress = tqdm(
@@ -1166,15 +1215,42 @@ def _run(args: argparse.Namespace) -> Dict[str, Any]:
                 args.minimum_annealing_factor,
             )
             indices = shuffled[which * args.batch_size : (which + 1) * args.batch_size]
-            batch = get_mini_batch(indices, train_sequences, train_lengths, pack=not args.jit)
-            if args.jit:  # the compiled loss takes tensors: a float would recompile every step
-                factor = torch.tensor(factor, device=device)
-            epoch_loss += svi_for(batch).step(*batch, factor)
+            pad_to = None
+            if buckets is not None:
+                pad_to = bucket_length(int(train_lengths[indices].max()), buckets)
+            if not args.jit:
+                batch = get_mini_batch(indices, train_sequences, train_lengths)
+                epoch_loss += svi.step(*batch, factor)
+                continue
+            # one shape per bucket: the last, smaller mini-batch gets empty sequences too
+            batch = get_mini_batch(
+                indices,
+                train_sequences,
+                train_lengths,
+                pack=False,
+                pad_to=pad_to,
+                pad_batch_to=args.batch_size if buckets is not None else None,
+            )
+            # the compiled loss takes tensors: a float would recompile every step
+            factor = torch.tensor(factor, device=device)
+            this_svi, this_elbo = svi_for(batch)
+            with torch.jit.optimized_execution(False):
+                shape = tuple(batch[0].shape)
+                if shape not in compile_seconds:
+                    compile_seconds[shape] = compile_loss(this_svi, this_elbo, batch, factor)
+                    new_graphs += 1
+                epoch_loss += this_svi.step(*batch, factor)
         progress.close()
         train_losses.append(epoch_loss / num_train_slices)
+        jit_note = ""
+        if args.jit:
+            jit_note = f", {len(compile_seconds)} compiled graph(s)"
+            if new_graphs:
+                jit_note += f" ({new_graphs} new)"
         print(
             f"[epoch {epoch + 1:4d}] train loss per time slice {train_losses[-1]:.4f}  "
-            f"(annealing factor {float(factor):.3f}, {time.perf_counter() - epoch_start:.1f} s)",
+            f"(annealing factor {float(factor):.3f}, {time.perf_counter() - epoch_start:.1f} s"
+            f"{jit_note})",
             flush=True,
         )
         if args.test_frequency > 0 and (epoch + 1) % args.test_frequency == 0:
@@ -1195,6 +1271,13 @@ def _run(args: argparse.Namespace) -> Dict[str, Any]:
         if args.save_opt:
             _atomic_save(optim.get_state(), args.save_opt)
     seconds = time.perf_counter() - start
+    if args.jit:
+        print(
+            f"jit: {len(compile_seconds)} compiled graph(s) for the mini-batch lengths "
+            f"{sorted(shape[1] for shape in compile_seconds)}; compiling them (tracing, analysis, "
+            f"compilation, one evaluation each) took {sum(compile_seconds.values()):.1f} s",
+            flush=True,
+        )
 
     test_nll = nll_per_slice(test_elbo, dmm, test["sequences"], test["sequence_lengths"])
     print(
@@ -1215,6 +1298,9 @@ def _run(args: argparse.Namespace) -> Dict[str, Any]:
         "evaluations": evaluations,
         "start_epoch": start_epoch,
         "device": str(device),
+        "jit_graphs": len(compile_seconds),
+        "jit_graph_lengths": sorted(shape[1] for shape in compile_seconds),
+        "jit_compile_seconds": sum(compile_seconds.values()),
     }
 
 
