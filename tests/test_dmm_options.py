@@ -133,7 +133,8 @@ def test_numpy_float_scalar_refused(tmp_path: Path) -> None:
 
 # every run below reads this tiny data set through --data: 5 short training sequences, 2 + 2 others
 TINY_SIZES = ["--z-dim", "3", "--emission-dim", "6", "--transition-dim", "6", "--rnn-dim", "6"]
-TINY_RUN = ["-b", "2", "--num-threads", "0", "--annealing-epochs", "3"] + TINY_SIZES
+TINY_RUN = ["-b", "2", "--num-threads", "0", "--annealing-epochs", "3", "--no-checkpoint"]
+TINY_RUN += ["--no-jit"] + TINY_SIZES  # the JIT (on by default) is tested with --jit below
 
 
 def _tiny_split(n: int, seed: int) -> list:
@@ -242,9 +243,10 @@ def test_iaf_option_trains(tiny_data: Path) -> None:
 # --- checkpoints -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("elbo", ["markov-kl", "trace"])
+@pytest.mark.parametrize("elbo", ["markov-kl", "trace", "markov-kl --jit"])
 def test_resumed_run_continues_the_curve(tiny_data: Path, tmp_path: Path, elbo: str) -> None:
-    common = ["--elbo", elbo, "--test-frequency", "1", "--seed", "3"]
+    # with --jit, the resumed run compiles its graphs again, on a forked random stream
+    common = ["--elbo", *elbo.split(), "--test-frequency", "1", "--seed", "3"]
     straight = _run(tiny_data, "-n", "2", *common)
     first = _run(tiny_data, "-n", "1", "--checkpoint", str(tmp_path / "ck.pt"), *common)
     resumed = _run(tiny_data, "-n", "2", "--resume", str(tmp_path / "ck.pt"), *common)
@@ -467,3 +469,38 @@ def test_scripts_on_the_dmm_parser_reject_its_new_options(
     assert f"--checkpoint is an option of pyro_markov_kl.examples.dmm that {script}" in (
         capsys.readouterr().err
     )
+
+
+def test_main_job_defaults_and_resume_help(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from pyro_markov_kl.examples.dmm import DEFAULT_CHECKPOINT, make_parser
+
+    parser = make_parser()
+    assert parser.get_default("jit") is True
+    assert parser.get_default("checkpoint") == DEFAULT_CHECKPOINT
+    assert parser.parse_args(["--no-checkpoint"]).checkpoint is None
+    ck = str(tmp_path / "ck.pt")
+    first = _run(tiny_data, "-n", "1", "--checkpoint", ck, "--seed", "5")
+    out = capsys.readouterr().out
+    assert f"checkpoint saved to {ck} (epoch 1)" in out
+    evaluate, further = [line.strip() for line in out.splitlines() if "--resume" in line][-2:]
+    assert evaluate.startswith("python -m pyro_markov_kl.examples.dmm ")
+    assert "--no-jit" in evaluate and "--z-dim 3" in evaluate and "--seed 5" in evaluate
+    assert evaluate.endswith(f"--resume {ck} -n 1") and further.endswith(f"--resume {ck} -n 2")
+    # the printed commands work: evaluation only, then one more epoch
+    again = main_of(evaluate, tiny_data)
+    assert (
+        again["start_epoch"] == 1
+        and again["train_losses_per_slice"] == first["train_losses_per_slice"]
+    )
+    more = main_of(further, tiny_data)
+    assert len(more["train_losses_per_slice"]) == 2
+
+
+def main_of(command: str, tiny_data: Path) -> dict:
+    from pyro_markov_kl.examples.dmm import main
+
+    argv = command.split()[3:]
+    assert "--data" in argv  # the command names the data set of the run
+    return main(argv)

@@ -603,16 +603,18 @@ def make_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--jit",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="compile the loss with torch.jit (JitTraceMarkovKL_ELBO, JitTrace_ELBO or "
-        "JitTraceMeanField_ELBO); the guide then reads the time-reversed mini-batch as a padded "
-        "tensor (same result as the packed one, which the tracer cannot take) and the "
-        "evaluation uses the uncompiled ELBO",
+        "JitTraceMeanField_ELBO), one graph per bucket length (--jit-buckets); the guide then "
+        "reads the time-reversed mini-batch as a padded tensor (same result as the packed one, "
+        "which the tracer cannot take) and the evaluation uses the uncompiled ELBO. --no-jit "
+        "runs the uncompiled ELBO, as Pyro's example does by default",
     )
     parser.add_argument(
         "--jit-buckets",
         type=int,
-        default=8,
+        default=4,
         help="with --jit, pad every mini-batch (masked) to the next of at most this many bucket "
         "lengths, evenly spaced up to the longest training sequence, so that at most this many "
         "graphs are compiled (0: no padding, one graph per mini-batch length)",
@@ -626,7 +628,17 @@ def make_parser() -> argparse.ArgumentParser:
         "read with torch.load(weights_only=True).",
     )
     checkpoints.add_argument(
-        "--checkpoint", metavar="PATH", default=None, help="save a full checkpoint here"
+        "--checkpoint",
+        metavar="PATH",
+        default=DEFAULT_CHECKPOINT,
+        help="save a full checkpoint here after every epoch",
+    )
+    checkpoints.add_argument(
+        "--no-checkpoint",
+        dest="checkpoint",
+        action="store_const",
+        const=None,
+        help="save no full checkpoint",
     )
     checkpoints.add_argument(
         "--resume",
@@ -718,6 +730,8 @@ class CheckpointError(ValueError):
     """A checkpoint file is unreadable, malformed or hostile, or does not fit the run."""
 
 
+#: Where ``--checkpoint`` saves by default (in the working directory; ``--no-checkpoint``: nowhere).
+DEFAULT_CHECKPOINT = "dmm_checkpoint.pt"
 #: The ``"format"`` entry of the full checkpoints written by ``--checkpoint``.
 CHECKPOINT_FORMAT = "pyro-markov-kl/dmm-checkpoint"
 #: The layout version of the full checkpoints.
@@ -1030,6 +1044,40 @@ def _resolve_device(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     return device
 
 
+def parser_defaults() -> Dict[str, Any]:
+    """The default value of every option of :func:`make_parser`, by destination."""
+    parser = make_parser()
+    return {a.dest: parser.get_default(a.dest) for a in parser._actions if a.dest != "help"}
+
+
+def _resume_help(defaults: Mapping[str, Any], args: argparse.Namespace) -> str:
+    """How to evaluate the checkpoint of this run and how to train it further."""
+    parser = make_parser()
+    flags = {}
+    for action in parser._actions:
+        if action.option_strings and action.dest not in flags:
+            names = [o for o in action.option_strings if not o.startswith("--no-")]
+            flags[action.dest] = max(names or action.option_strings, key=len)
+    skip = {"checkpoint", "resume", "num_epochs", "load_model", "load_opt", "test_frequency"}
+    words = []
+    for name, default in defaults.items():
+        value = getattr(args, name, default)
+        if name in skip or value == default:
+            continue
+        if isinstance(value, bool):
+            words.append(flags[name] if value else f"--no-{flags[name][2:]}")
+        else:
+            words.append(f"{flags[name]} {value}")
+    common = " ".join(["python -m pyro_markov_kl.examples.dmm"] + words)
+    more = args.num_epochs + max(args.num_epochs // 2, 1)
+    return (
+        f"checkpoint saved to {args.checkpoint} (epoch {args.num_epochs}); to evaluate it "
+        f"(a finished run only evaluates):\n    {common} --resume {args.checkpoint} "
+        f"-n {args.num_epochs}\nto train it further, up to {more} epochs in all:\n    "
+        f"{common} --resume {args.checkpoint} -n {more}"
+    )
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """
     Train the DMM and report the test NLL bound per time slice.
@@ -1038,8 +1086,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     :return: a dict with ``"elbo"``, ``"guide"``, ``"train_loss_per_slice"`` (last epoch),
         ``"train_losses_per_slice"`` (every epoch, including those of a resumed checkpoint),
         ``"test_nll_per_slice"``, ``"num_train_slices"``, ``"num_test_slices"``, ``"seconds"``
-        (training in this run), ``"evaluations"`` (validation/test bounds during training, if
-        any), ``"start_epoch"`` (epochs already done by a resumed checkpoint) and ``"device"``.
+        (training in this run, without the evaluations and the saving of files, with the
+        compilation), ``"evaluations"`` (validation/test bounds during training, if any, each
+        with ``"epoch"`` and ``"seconds"``, the training time of this run so far),
+        ``"start_epoch"`` (epochs already done by a resumed checkpoint), ``"device"`` and, with
+        ``--jit``, ``"jit_graphs"``, ``"jit_graph_lengths"`` and ``"jit_compile_seconds"``.
     :rtype: dict
     :raises pyro_markov_kl.data.PolyphonicDataError: if the ``--data`` file is unreadable,
         hostile or malformed.
@@ -1193,7 +1244,8 @@ def _run(args: argparse.Namespace) -> Dict[str, Any]:
         _load_optim_state(optim, dmm, _safe_load(args.load_opt, "optimiser file"), args.load_opt)
         print(f"loaded the optimiser state from {args.load_opt}", flush=True)
 
-    start = time.perf_counter()
+    # training time of this run: without the evaluations and the saving of files
+    start, paused = time.perf_counter(), 0.0
     for epoch in range(start_epoch, args.num_epochs):
         epoch_start = time.perf_counter()
         epoch_loss = 0.0
@@ -1253,11 +1305,19 @@ def _run(args: argparse.Namespace) -> Dict[str, Any]:
             f"{jit_note})",
             flush=True,
         )
+        pause_start = time.perf_counter()
         if args.test_frequency > 0 and (epoch + 1) % args.test_frequency == 0:
             valid = splits["valid"]
             val_nll = nll_per_slice(test_elbo, dmm, valid["sequences"], valid["sequence_lengths"])
             test_nll = nll_per_slice(test_elbo, dmm, test["sequences"], test["sequence_lengths"])
-            evaluations.append({"epoch": epoch + 1, "valid": val_nll, "test": test_nll})
+            evaluations.append(
+                {
+                    "epoch": epoch + 1,
+                    "valid": val_nll,
+                    "test": test_nll,
+                    "seconds": pause_start - start - paused,
+                }
+            )
             print(
                 f"[epoch {epoch + 1:4d}] NLL bound per time slice: valid {val_nll:.4f}  "
                 f"test {test_nll:.4f}",
@@ -1270,7 +1330,8 @@ def _run(args: argparse.Namespace) -> Dict[str, Any]:
             _atomic_save(dmm.state_dict(), args.save_model)
         if args.save_opt:
             _atomic_save(optim.get_state(), args.save_opt)
-    seconds = time.perf_counter() - start
+        paused += time.perf_counter() - pause_start
+    seconds = time.perf_counter() - start - paused
     if args.jit:
         print(
             f"jit: {len(compile_seconds)} compiled graph(s) for the mini-batch lengths "
@@ -1286,6 +1347,8 @@ def _run(args: argparse.Namespace) -> Dict[str, Any]:
         f"with {args.test_particles} particle(s); training took {seconds:.1f} s)",
         flush=True,
     )
+    if args.checkpoint and args.num_epochs > start_epoch:
+        print(_resume_help(parser_defaults(), args), flush=True)
     return {
         "elbo": args.elbo,
         "guide": args.guide,
