@@ -42,10 +42,14 @@ so that a resumed run continues the same curve; Pyro's ``--save-model``/``--save
 ``torch.load(weights_only=True)``), ``--data`` (a data set in the pickle format of Pyro's
 polyphonic loader, read by a restricted unpickler), ``--device``/``--cuda`` and ``--jit``.
 
-The defaults are small so that a run takes a few minutes on two CPU cores, and use a ``tanh``
-RNN in the guide, which trains stably at a larger step size; Pyro's full-size configuration is
-``--z-dim 100 --emission-dim 100 --transition-dim 200 --rnn-dim 600 --rnn-nonlinearity relu
--lr 0.0003 --annealing-epochs 1000 -n 5000``.
+The defaults are the main job: a small model, compiled (``--jit``, on by default, with
+mini-batches padded to a few bucket lengths so that two graphs are compiled), trained for 100
+epochs at step size 0.02 to a test NLL bound below 8.5 nats per time slice in about four minutes
+on two idle CPU cores, with a full checkpoint saved after every epoch (``dmm_checkpoint.pt``);
+the run ends by printing the commands that evaluate the checkpoint and train it further. The
+guide's RNN is ``tanh``, which trains stably at a larger step size; Pyro's full-size
+configuration is ``--z-dim 100 --emission-dim 100 --transition-dim 200 --rnn-dim 600
+--rnn-nonlinearity relu -lr 0.0003 --annealing-epochs 1000 -n 5000``.
 
 Reference:
 
@@ -117,6 +121,11 @@ __all__ = [
     "set_rng_state",
 ]
 
+#: The main job's training settings that differ from those of the example before issue 14
+#: (40 epochs at step size 0.01, uncompiled: about 10.0 nats per time slice). With the compiled
+#: loss, 100 epochs at 0.02 reach a test NLL bound below 8.5 nats per time slice on JSB; see
+#: the README.
+MAIN_JOB: Dict[str, Any] = {"num_epochs": 100, "learning_rate": 0.02}
 #: The names accepted by :func:`build_elbo` and ``--elbo``.
 ELBO_NAMES = ("markov-kl", "trace", "meanfield")
 #: The guide directions accepted by :class:`DMM` and ``--guide``.
@@ -487,8 +496,9 @@ def make_parser() -> argparse.ArgumentParser:
         prog="python -m pyro_markov_kl.examples.dmm",
         description=(
             "Train the Deep Markov Model (Krishnan et al., 2017) on the JSB Chorales and report "
-            "the test NLL bound per time slice. The defaults are a small configuration that runs "
-            "in a few minutes on two CPU cores; Pyro's full-size example is --z-dim 100 "
+            "the test NLL bound per time slice. The defaults are the main job: a small, compiled "
+            "model trained for 100 epochs to below 8.5 nats per time slice in a few minutes on two "
+            "CPU cores, saving a checkpoint; Pyro's full-size example is --z-dim 100 "
             "--emission-dim 100 --transition-dim 200 --rnn-dim 600 --rnn-nonlinearity relu "
             "-lr 0.0003 --annealing-epochs 1000 -n 5000 (and --num-threads 0 to use all cores)."
         ),
@@ -510,9 +520,17 @@ def make_parser() -> argparse.ArgumentParser:
         help="forward: Pyro's q(z_t | z_{t-1}, x_{t:T}); "
         "backward: q(z_t | z_{t+1}, x_{1:t}), sampled from t = T down to 1",
     )
-    parser.add_argument("-n", "--num-epochs", type=int, default=40, help="training epochs")
+    parser.add_argument(
+        "-n", "--num-epochs", type=int, default=MAIN_JOB["num_epochs"], help="training epochs"
+    )
     parser.add_argument("-b", "--batch-size", type=int, default=20, help="sequences per mini-batch")
-    parser.add_argument("-lr", "--learning-rate", type=float, default=0.01, help="Adam step size")
+    parser.add_argument(
+        "-lr",
+        "--learning-rate",
+        type=float,
+        default=MAIN_JOB["learning_rate"],
+        help="Adam step size",
+    )
     parser.add_argument("--beta1", type=float, default=0.96, help="Adam beta1")
     parser.add_argument("--beta2", type=float, default=0.999, help="Adam beta2")
     parser.add_argument("--clip-norm", type=float, default=10.0, help="gradient clipping norm")

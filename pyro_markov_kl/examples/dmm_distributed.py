@@ -390,7 +390,7 @@ def shard_loss(
 # --- training -------------------------------------------------------------------------------------
 #: Training settings of this script that differ from the main job's defaults of
 #: :mod:`pyro_markov_kl.examples.dmm` (they were that script's defaults before issue 14).
-DISTRIBUTED_DEFAULTS: dict = {}
+DISTRIBUTED_DEFAULTS: dict = {"num_epochs": 40, "learning_rate": 0.01}
 
 
 def make_parser() -> argparse.ArgumentParser:
