@@ -47,9 +47,9 @@ mini-batches padded to a few bucket lengths so that two graphs are compiled), tr
 epochs at step size 0.02 to a test NLL bound below 8.5 nats per time slice (8.43 and 8.48 in two
 runs) in about four minutes on two idle CPU cores, with a full checkpoint saved after every
 epoch (``dmm_checkpoint.pt``); the run ends by printing the commands that evaluate the
-checkpoint and train it further. The guide's RNN is ``tanh``, which trains stably at a larger step size; Pyro's full-size
-configuration is ``--z-dim 100 --emission-dim 100 --transition-dim 200 --rnn-dim 600
---rnn-nonlinearity relu -lr 0.0003 --annealing-epochs 1000 -n 5000``.
+checkpoint and train it further. The guide's RNN is ``tanh``, which trains stably at a larger
+step size; Pyro's full-size configuration is ``--z-dim 100 --emission-dim 100 --transition-dim
+200 --rnn-dim 600 --rnn-nonlinearity relu -lr 0.0003 --annealing-epochs 1000 -n 5000``.
 
 Reference:
 
