@@ -43,8 +43,8 @@ so that a resumed run continues the same curve; Pyro's ``--save-model``/``--save
 polyphonic loader, read by a restricted unpickler), ``--device``/``--cuda`` and ``--jit``.
 
 The defaults are the main job: a small model, compiled (``--jit``, on by default, with
-mini-batches padded to a few bucket lengths so that two graphs are compiled), trained for 100
-epochs at step size 0.02 to a test NLL bound below 8.5 nats per time slice (8.43 and 8.48 in two
+mini-batches padded to a few bucket lengths so that two or three graphs are compiled), trained for
+100 epochs at step size 0.02 to a test NLL bound below 8.5 nats per time slice (8.43 and 8.48 in two
 runs) in about four minutes on two idle CPU cores, with a full checkpoint saved after every
 epoch (``dmm_checkpoint.pt``); the run ends by printing the commands that evaluate the
 checkpoint and train it further. The guide's RNN is ``tanh``, which trains stably at a larger
