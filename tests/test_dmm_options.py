@@ -490,6 +490,8 @@ def test_main_job_defaults_and_resume_help(
     evaluate, further = [line.strip() for line in out.splitlines() if "--resume" in line][-2:]
     assert evaluate.startswith("python -m pyro_markov_kl.examples.dmm ")
     assert "--no-jit" in evaluate and "--z-dim 3" in evaluate and "--seed 5" in evaluate
+    # training further keeps writing the run's own checkpoint, not the default one
+    assert f"--checkpoint {ck}" in further
     assert evaluate.endswith(f"--resume {ck} -n 1") and further.endswith(f"--resume {ck} -n 2")
     # the printed commands work: evaluation only, then one more epoch
     again = main_of(evaluate, tiny_data)

@@ -1076,7 +1076,8 @@ def _resume_help(defaults: Mapping[str, Any], args: argparse.Namespace) -> str:
         if action.option_strings and action.dest not in flags:
             names = [o for o in action.option_strings if not o.startswith("--no-")]
             flags[action.dest] = max(names or action.option_strings, key=len)
-    skip = {"checkpoint", "resume", "num_epochs", "load_model", "load_opt", "test_frequency"}
+    # a --checkpoint other than the default stays, so that further training keeps writing there
+    skip = {"resume", "num_epochs", "load_model", "load_opt", "test_frequency"}
     words = []
     for name, default in defaults.items():
         value = getattr(args, name, default)
