@@ -9,6 +9,8 @@ Configurations (the model and guides are :class:`pyro_markov_kl.examples.dmm.DMM
 * ``small``: z 16, emission 32, transition 64, guide RNN 128 (tanh), on synthetic 88-dimensional
   Bernoulli data (each key on with its own probability drawn from U(0, 0.2)), all sequences of
   the same length;
+* ``example``: the defaults of ``pyro_markov_kl.examples.dmm`` (the small sizes with an RNN of
+  64), on real JSB Chorales sequences;
 * ``full``: Pyro's full-size DMM, z 100, emission 100, transition 200, guide RNN 600 (relu), on
   real JSB Chorales sequences (ragged, masked).
 """
@@ -27,6 +29,9 @@ from pyro_markov_kl.examples.dmm import DMM, build_elbo
 SIZES = {
     "small": dict(
         z_dim=16, emission_dim=32, transition_dim=64, rnn_dim=128, rnn_nonlinearity="tanh"
+    ),
+    "example": dict(
+        z_dim=16, emission_dim=32, transition_dim=64, rnn_dim=64, rnn_nonlinearity="tanh"
     ),
     "full": dict(
         z_dim=100, emission_dim=100, transition_dim=200, rnn_dim=600, rnn_nonlinearity="relu"

@@ -4,7 +4,11 @@
 """Tests of the shipped JSB Chorales data and the mini-batch helpers."""
 
 import hashlib
+import importlib
+import sys
+import types
 from importlib import resources
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +16,8 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from pyro_markov_kl.data import (
     JSB_CHORALES_SHA256,
+    bucket_length,
+    bucket_lengths,
     get_mini_batch,
     get_mini_batch_mask,
     load_jsb_chorales,
@@ -121,3 +127,77 @@ def test_get_mini_batch() -> None:
     assert torch.equal(unpacked_lengths, mb_lengths)
     assert torch.equal(padded, _reverse_reference(mini_batch, mb_lengths))
     assert torch.equal(pad_and_reverse(reversed_packed, mb_lengths), mini_batch)
+
+
+def test_pad_to_bucket_length() -> None:
+    data = load_jsb_chorales("train")
+    sequences, lengths = data["sequences"], data["sequence_lengths"]
+    indices = torch.tensor([5, 17, 0])
+    plain = get_mini_batch(indices, sequences, lengths, pack=False)
+    T = plain[0].size(1)
+    padded = get_mini_batch(indices, sequences, lengths, pack=False, pad_to=T + 7)
+    assert padded[0].shape == (3, T + 7, 88)
+    for a, b in zip(plain, padded):  # the same batch, followed by zeros
+        assert torch.equal(b[:, :T] if b.dim() > 1 else b, a)
+    for b in padded[:3]:
+        assert not b[:, T:].any()
+    # the packed copy unpacks to the padded length
+    packed = get_mini_batch(indices, sequences, lengths, pad_to=T + 7)
+    assert torch.equal(pad_and_reverse(packed[1], packed[3], T + 7), padded[0])
+    with pytest.raises(ValueError, match="shorter than the longest"):
+        get_mini_batch(indices, sequences, lengths, pad_to=T - 1)
+
+
+@pytest.mark.parametrize("max_length, num_buckets", [(129, 8), (129, 1), (5, 3), (3, 10)])
+def test_bucket_lengths(max_length: int, num_buckets: int) -> None:
+    buckets = bucket_lengths(max_length, num_buckets)
+    assert 1 <= len(buckets) <= num_buckets
+    assert buckets == sorted(set(buckets)) and buckets[-1] == max_length and buckets[0] >= 1
+    width = -(-max_length // num_buckets)
+    for length in range(1, max_length + 1):
+        b = bucket_length(length, buckets)
+        assert b in buckets and length <= b < length + width
+    with pytest.raises(ValueError, match="longer than the largest bucket"):
+        bucket_length(max_length + 1, buckets)
+
+
+@pytest.fixture
+def pyro_loader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
+    """
+    Pyro's ``polyphonic_data_loader``, imported without its import-time side effects: it imports
+    ``pyro.contrib.examples.util`` (which needs torchvision) for ``get_data_directory`` and
+    creates that directory; a stand-in module points it at a temporary directory.
+    """
+    util = types.ModuleType("pyro.contrib.examples.util")
+    util.get_data_directory = lambda filepath=None: str(tmp_path / ".data")  # type: ignore
+    monkeypatch.setitem(sys.modules, "pyro.contrib.examples.util", util)
+    monkeypatch.delitem(sys.modules, "pyro.contrib.examples.polyphonic_data_loader", raising=False)
+    module = importlib.import_module("pyro.contrib.examples.polyphonic_data_loader")
+    monkeypatch.delitem(sys.modules, "pyro.contrib.examples.polyphonic_data_loader")
+    return module
+
+
+def test_helpers_agree_with_pyros_loader(pyro_loader: types.ModuleType) -> None:
+    data = load_jsb_chorales("valid")
+    sequences, lengths = data["sequences"], data["sequence_lengths"]
+    # distinct lengths: Pyro's sort is not stable, ours is (ties keep the order of the indices)
+    indices = torch.tensor([3, 1, 7, 8, 5, 60])
+    assert len(set(lengths[indices].tolist())) == len(indices)
+    ours = get_mini_batch(indices, sequences, lengths)
+    theirs = pyro_loader.get_mini_batch(indices, sequences, lengths)
+    for a, b in zip(ours[:1] + ours[2:], theirs[:1] + theirs[2:]):
+        assert torch.equal(a, b)
+    assert torch.equal(ours[1].data, theirs[1].data)
+    assert torch.equal(ours[1].batch_sizes, theirs[1].batch_sizes)
+    mini_batch, mb_lengths = ours[0], ours[3]
+    assert torch.equal(
+        reverse_sequences(mini_batch, mb_lengths),
+        pyro_loader.reverse_sequences(mini_batch, mb_lengths),
+    )
+    assert torch.equal(
+        get_mini_batch_mask(mini_batch, mb_lengths),
+        pyro_loader.get_mini_batch_mask(mini_batch, mb_lengths),
+    )
+    assert torch.equal(
+        pad_and_reverse(ours[1], mb_lengths), pyro_loader.pad_and_reverse(ours[1], mb_lengths)
+    )

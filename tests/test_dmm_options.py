@@ -133,7 +133,8 @@ def test_numpy_float_scalar_refused(tmp_path: Path) -> None:
 
 # every run below reads this tiny data set through --data: 5 short training sequences, 2 + 2 others
 TINY_SIZES = ["--z-dim", "3", "--emission-dim", "6", "--transition-dim", "6", "--rnn-dim", "6"]
-TINY_RUN = ["-b", "2", "--num-threads", "0", "--annealing-epochs", "3"] + TINY_SIZES
+TINY_RUN = ["-b", "2", "--num-threads", "0", "--annealing-epochs", "3", "--no-checkpoint"]
+TINY_RUN += ["--no-jit"] + TINY_SIZES  # the JIT (on by default) is tested with --jit below
 
 
 def _tiny_split(n: int, seed: int) -> list:
@@ -242,9 +243,10 @@ def test_iaf_option_trains(tiny_data: Path) -> None:
 # --- checkpoints -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("elbo", ["markov-kl", "trace"])
+@pytest.mark.parametrize("elbo", ["markov-kl", "trace", "markov-kl --jit"])
 def test_resumed_run_continues_the_curve(tiny_data: Path, tmp_path: Path, elbo: str) -> None:
-    common = ["--elbo", elbo, "--test-frequency", "1", "--seed", "3"]
+    # with --jit, the resumed run compiles its graphs again, on a forked random stream
+    common = ["--elbo", *elbo.split(), "--test-frequency", "1", "--seed", "3"]
     straight = _run(tiny_data, "-n", "2", *common)
     first = _run(tiny_data, "-n", "1", "--checkpoint", str(tmp_path / "ck.pt"), *common)
     resumed = _run(tiny_data, "-n", "2", "--resume", str(tmp_path / "ck.pt"), *common)
@@ -370,11 +372,92 @@ def test_padded_reversed_batch_gives_the_packed_guide(tiny_data: Path) -> None:
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
-@pytest.mark.parametrize("elbo", ["markov-kl", "trace", "meanfield"])
+@pytest.mark.filterwarnings("ignore:Failed to verify mean field restriction")  # backward guide
+@pytest.mark.parametrize(
+    "elbo", ["markov-kl", "trace", "meanfield", "markov-kl --guide backward --num-iafs 1"]
+)
 def test_jit_trains_one_epoch(tiny_data: Path, elbo: str) -> None:
-    result = _run(tiny_data, "-n", "1", "--jit", "--elbo", elbo)
+    result = _run(tiny_data, "-n", "1", "--jit", "--elbo", *elbo.split())
     assert math.isfinite(result["train_loss_per_slice"])
     assert math.isfinite(result["test_nll_per_slice"])
+
+
+def _bucketed_batch(tiny_data: Path, pad_to: int) -> tuple:
+    from pyro_markov_kl.data import get_mini_batch
+
+    train = load_polyphonic_pickle(tiny_data)["train"]
+    return get_mini_batch(
+        torch.arange(3), train["sequences"], train["sequence_lengths"], pack=False, pad_to=pad_to
+    )
+
+
+@pytest.mark.parametrize("pad", [0, 3])
+def test_jit_on_a_bucketed_batch_equals_eager(tiny_data: Path, pad: int) -> None:
+    """
+    The compiled estimator on the mini-batch padded to a bucket length (masked steps) gives the
+    loss and the gradients of the eager estimator on the unpadded, packed mini-batch, at the
+    same seed: the forward guide draws the valid steps first, and masked steps add nothing.
+    """
+    from pyro_markov_kl import JitTraceMarkovKL_ELBO, TraceMarkovKL_ELBO
+    from pyro_markov_kl.examples.dmm import DMM
+
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    dmm = DMM(z_dim=3, emission_dim=6, transition_dim=6, rnn_dim=6)
+    eager_batch = _tiny_batch(tiny_data)
+    T = eager_batch[0].size(1)
+    jit_batch = _bucketed_batch(tiny_data, T + pad)
+    assert jit_batch[0].shape[1] == T + pad
+    factor = torch.tensor(0.7)
+    params = list(dmm.parameters())
+    jit_elbo = JitTraceMarkovKL_ELBO(max_plate_nesting=1, ignore_jit_warnings=True)
+    eager = TraceMarkovKL_ELBO(max_plate_nesting=1)
+    pyro.set_rng_seed(1)
+    jit_elbo.differentiable_loss(dmm.model, dmm.guide, *jit_batch, factor)  # compile
+    for seed in (2, 3):
+        results = []
+        for elbo, batch in ((jit_elbo, jit_batch), (eager, eager_batch)):
+            pyro.set_rng_seed(seed)
+            loss = elbo.differentiable_loss(dmm.model, dmm.guide, *batch, factor)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            results.append((loss.item(), grads))
+        (jit_loss, jit_grads), (eager_loss, eager_grads) = results
+        assert jit_loss == pytest.approx(eager_loss, rel=1e-5, abs=1e-4)
+        for a, b in zip(jit_grads, eager_grads):
+            a = torch.zeros_like(b) if a is None else a
+            b = torch.zeros_like(a) if b is None else b
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("elbo", ["markov-kl", "trace"])
+def test_jit_compiles_at_most_one_graph_per_bucket(
+    tiny_data: Path, elbo: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from pyro_markov_kl.data import bucket_lengths
+
+    traces = []
+    real_trace = torch.jit.trace
+
+    def counting_trace(*args: Any, **kwargs: Any) -> Any:
+        traces.append(args[1][-5].shape)  # the mini-batch among the traced inputs
+        return real_trace(*args, **kwargs)
+
+    monkeypatch.setattr(torch.jit, "trace", counting_trace)
+    # the tiny training sequences have 3, 4, 5, 3, 4 steps: mini-batches of 2 are 3 to 5 long
+    buckets = bucket_lengths(5, 2)
+    assert buckets == [2, 5]
+    result = _run(tiny_data, "-n", "3", "--jit", "--jit-buckets", "2", "--elbo", elbo)
+    assert 1 <= len(traces) == result["jit_graphs"] <= len(buckets)
+    assert set(result["jit_graph_lengths"]) <= set(buckets)
+    assert all(shape[1] in buckets for shape in traces)
+    out = capsys.readouterr().out
+    assert f"jit: {result['jit_graphs']} compiled graph(s)" in out
+    assert "jit: mini-batches padded to the bucket lengths [2, 5]" in out
+    # without buckets, one graph per mini-batch shape (length, and size of the last batch)
+    traces.clear()
+    result = _run(tiny_data, "-n", "3", "--jit", "--jit-buckets", "0", "--elbo", elbo)
+    assert len(traces) == result["jit_graphs"] > len(buckets)
+    assert set(result["jit_graph_lengths"]) <= {3, 4, 5}
 
 
 @pytest.mark.parametrize("script", ["dmm_compare", "dmm_distributed"])
@@ -389,3 +472,40 @@ def test_scripts_on_the_dmm_parser_reject_its_new_options(
     assert f"--checkpoint is an option of pyro_markov_kl.examples.dmm that {script}" in (
         capsys.readouterr().err
     )
+
+
+def test_main_job_defaults_and_resume_help(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from pyro_markov_kl.examples.dmm import DEFAULT_CHECKPOINT, make_parser
+
+    parser = make_parser()
+    assert parser.get_default("jit") is True
+    assert parser.get_default("checkpoint") == DEFAULT_CHECKPOINT
+    assert parser.parse_args(["--no-checkpoint"]).checkpoint is None
+    ck = str(tmp_path / "ck.pt")
+    first = _run(tiny_data, "-n", "1", "--checkpoint", ck, "--seed", "5")
+    out = capsys.readouterr().out
+    assert f"checkpoint saved to {ck} (epoch 1)" in out
+    evaluate, further = [line.strip() for line in out.splitlines() if "--resume" in line][-2:]
+    assert evaluate.startswith("python -m pyro_markov_kl.examples.dmm ")
+    assert "--no-jit" in evaluate and "--z-dim 3" in evaluate and "--seed 5" in evaluate
+    # training further keeps writing the run's own checkpoint, not the default one
+    assert f"--checkpoint {ck}" in further
+    assert evaluate.endswith(f"--resume {ck} -n 1") and further.endswith(f"--resume {ck} -n 2")
+    # the printed commands work: evaluation only, then one more epoch
+    again = main_of(evaluate, tiny_data)
+    assert (
+        again["start_epoch"] == 1
+        and again["train_losses_per_slice"] == first["train_losses_per_slice"]
+    )
+    more = main_of(further, tiny_data)
+    assert len(more["train_losses_per_slice"]) == 2
+
+
+def main_of(command: str, tiny_data: Path) -> dict:
+    from pyro_markov_kl.examples.dmm import main
+
+    argv = command.split()[3:]
+    assert "--data" in argv  # the command names the data set of the run
+    return main(argv)

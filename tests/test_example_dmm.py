@@ -41,6 +41,8 @@ TINY = [
     "8",
     "--num-threads",
     "0",
+    "--no-jit",
+    "--no-checkpoint",
 ]
 
 

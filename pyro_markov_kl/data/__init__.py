@@ -40,7 +40,7 @@ import os
 import pickle
 import sys
 from importlib import resources
-from typing import Any, Dict, List, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
@@ -52,6 +52,8 @@ __all__ = [
     "NOTE_RANGE",
     "SPLITS",
     "PolyphonicDataError",
+    "bucket_length",
+    "bucket_lengths",
     "get_mini_batch",
     "get_mini_batch_mask",
     "load_jsb_chorales",
@@ -149,16 +151,20 @@ def reverse_sequences(mini_batch: torch.Tensor, seq_lengths: torch.Tensor) -> to
     return reversed_mini_batch * valid.unsqueeze(-1).to(mini_batch.dtype)
 
 
-def pad_and_reverse(rnn_output: PackedSequence, seq_lengths: torch.Tensor) -> torch.Tensor:
+def pad_and_reverse(
+    rnn_output: PackedSequence, seq_lengths: torch.Tensor, total_length: Optional[int] = None
+) -> torch.Tensor:
     """
     Unpack the output of an RNN run over a packed time-reversed mini-batch and reverse it back.
 
     :param torch.nn.utils.rnn.PackedSequence rnn_output: a packed ``(B, T, H)`` batch.
     :param torch.Tensor seq_lengths: the ``(B,)`` sequence lengths.
+    :param int total_length: pad the output to this many steps (default: the longest sequence),
+        e.g. for a mini-batch padded by ``get_mini_batch(..., pad_to=...)``.
     :return: a padded ``(B, T, H)`` tensor in forward temporal order.
     :rtype: torch.Tensor
     """
-    padded, _ = pad_packed_sequence(rnn_output, batch_first=True)
+    padded, _ = pad_packed_sequence(rnn_output, batch_first=True, total_length=total_length)
     return reverse_sequences(padded, seq_lengths)
 
 
@@ -167,6 +173,8 @@ def get_mini_batch(
     sequences: torch.Tensor,
     seq_lengths: torch.Tensor,
     pack: bool = True,
+    pad_to: Optional[int] = None,
+    pad_batch_to: Optional[int] = None,
 ) -> Tuple[torch.Tensor, Union[PackedSequence, torch.Tensor], torch.Tensor, torch.Tensor]:
     """
     Prepare a mini-batch for the DMM, as Pyro's ``polyphonic_data_loader.get_mini_batch``.
@@ -181,6 +189,13 @@ def get_mini_batch(
     :param bool pack: pack the time-reversed copy (as Pyro's loader); with ``False`` it stays a
         zero-padded ``(B, T, D)`` tensor, so that all four values are tensors (as
         :func:`torch.jit.trace` needs).
+    :param int pad_to: if given, pad the mini-batch (and its reversed copy and mask) with zeros
+        after its longest sequence up to this many steps, e.g. to a bucket length of
+        :func:`bucket_lengths` so that a compiled loss sees a few shapes only. The mask is zero
+        on the padded steps, which the DMM masks out (``poutine.mask`` / ``.mask``).
+    :param int pad_batch_to: if given, append empty sequences (length 0, all zeros, mask zero)
+        up to this many, e.g. so that the last, smaller mini-batch of an epoch has the shape of
+        the others (``pack=False`` only: a packed sequence cannot hold empty sequences).
     :return: ``(mini_batch, mini_batch_reversed, mini_batch_mask, mini_batch_seq_lengths)``: the
         sorted ``(B, T, D)`` mini-batch, its time-reversed copy as a
         :class:`~torch.nn.utils.rnn.PackedSequence` (or a padded tensor), the ``(B, T)`` 0/1 mask
@@ -195,6 +210,17 @@ def get_mini_batch(
     sorted_indices = mini_batch_indices[order]
     t_max = int(sorted_lengths[0])
     mini_batch = sequences[sorted_indices, :t_max]
+    if pad_to is not None:
+        if pad_to < t_max:
+            raise ValueError(f"pad_to={pad_to} is shorter than the longest sequence ({t_max})")
+        if pad_to > t_max:
+            mini_batch = torch.nn.functional.pad(mini_batch, (0, 0, 0, pad_to - t_max))
+    if pad_batch_to is not None and pad_batch_to > len(sorted_lengths):
+        if pack:
+            raise ValueError("pad_batch_to needs pack=False: a packed batch has no empty sequences")
+        extra = pad_batch_to - len(sorted_lengths)
+        mini_batch = torch.nn.functional.pad(mini_batch, (0, 0, 0, 0, 0, extra))
+        sorted_lengths = torch.nn.functional.pad(sorted_lengths, (0, extra))
     mini_batch_reversed = reverse_sequences(mini_batch, sorted_lengths)
     mini_batch_mask = get_mini_batch_mask(mini_batch, sorted_lengths)
     if not pack:
@@ -203,6 +229,44 @@ def get_mini_batch(
         mini_batch_reversed, sorted_lengths.cpu(), batch_first=True
     )
     return mini_batch, mini_batch_reversed, mini_batch_mask, sorted_lengths
+
+
+def bucket_lengths(max_length: int, num_buckets: int) -> List[int]:
+    """
+    A handful of padded lengths for mini-batches whose longest sequence has at most
+    ``max_length`` steps: ``max_length``, ``max_length - w``, ``max_length - 2 w``, ... (positive
+    ones, at most ``num_buckets``) with ``w = ceil(max_length / num_buckets)``.
+
+    Padding every mini-batch to the next bucket length (:func:`bucket_length`) bounds the number
+    of distinct mini-batch shapes, hence of graphs a compiled loss traces, by ``num_buckets``, at
+    the cost of fewer than ``w`` padded (masked) steps per mini-batch.
+
+    :param int max_length: the longest sequence length (the last bucket).
+    :param int num_buckets: the largest number of buckets (at least 1).
+    :return: the bucket lengths, ascending.
+    :rtype: list
+    """
+    if max_length < 1 or num_buckets < 1:
+        raise ValueError(
+            f"need max_length >= 1 and num_buckets >= 1, got {max_length}, {num_buckets}"
+        )
+    width = -(-max_length // num_buckets)
+    return sorted(max_length - k * width for k in range(num_buckets) if max_length - k * width > 0)
+
+
+def bucket_length(length: int, buckets: Sequence[int]) -> int:
+    """
+    The smallest of the ``buckets`` (ascending lengths, see :func:`bucket_lengths`) that is at
+    least ``length``.
+
+    :raises ValueError: if ``length`` exceeds every bucket.
+    """
+    for bucket in buckets:
+        if bucket >= length:
+            return bucket
+    raise ValueError(
+        f"a sequence of {length} steps is longer than the largest bucket {max(buckets)}"
+    )
 
 
 # --- Pyro's pickle format -------------------------------------------------------------------------

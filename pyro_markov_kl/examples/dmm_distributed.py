@@ -388,6 +388,11 @@ def shard_loss(
 
 
 # --- training -------------------------------------------------------------------------------------
+#: Training settings of this script that differ from the main job's defaults of
+#: :mod:`pyro_markov_kl.examples.dmm` (they were that script's defaults before issue 14).
+DISTRIBUTED_DEFAULTS: dict = {"num_epochs": 40, "learning_rate": 0.01}
+
+
 def make_parser() -> argparse.ArgumentParser:
     """
     The options of :mod:`pyro_markov_kl.examples.dmm` plus ``--nproc`` and ``--fixed-noise``.
@@ -402,6 +407,9 @@ def make_parser() -> argparse.ArgumentParser:
         "with --nproc N to spawn N local workers. -b is the global mini-batch size, split over "
         "the workers; the other options are those of pyro_markov_kl.examples.dmm."
     )
+    # options of the DMM script that this one does not implement (it refuses other values), and
+    # the training settings this script was written with (the DMM script's main job differs)
+    parser.set_defaults(jit=False, checkpoint=None, **DISTRIBUTED_DEFAULTS)
     parser.add_argument(
         "--nproc",
         type=int,
