@@ -339,6 +339,12 @@ class PlanCache(OrderedDict):
                     self._uses.pop(self.popitem(last=False)[0], None)
             return plan
         self.move_to_end(key)
+        if torch._C._get_tracing_state():
+            # Pyro's JIT traces the step right after running it once on the same arguments
+            # (to capture the parameters), which built or checked this plan; the compiled
+            # graph never looks it up again, so a check here would be a second analysis of
+            # the same program for nothing
+            return plan
         uses = self._uses[key] = self._uses.get(key, 1) + 1
         if uses in self.check_at or (self.check_every and uses % self.check_every == 0):
             return self._check(key, owner, plan, build(), uses)

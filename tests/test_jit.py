@@ -201,3 +201,24 @@ def test_compile_count_and_time_and_pickling():
     assert copy.num_compiled == 0
     assert torch.isfinite(copy.differentiable_loss(model, guide, data, one))
     assert copy.num_compiled == 1
+
+
+def test_compiling_a_graph_analyses_the_program_once(monkeypatch):
+    """Pyro's JIT runs the step once to capture params, then traces it: one analysis."""
+    import pyro_markov_kl.trace_markov_kl_elbo as elbo_module
+
+    calls = []
+    analyse = elbo_module.analyse_dependencies
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return analyse(*args, **kwargs)
+
+    monkeypatch.setattr(elbo_module, "analyse_dependencies", counting)
+    pyro.clear_param_store()
+    elbo = JitTraceMarkovKL_ELBO(ignore_jit_warnings=True)
+    data, one = torch.tensor([0.3, -0.2, 1.0]), torch.tensor(1.0)
+    elbo.differentiable_loss(model, guide, data, one)
+    assert elbo.num_compiled == 1 and len(calls) == 1
+    elbo.differentiable_loss(model, guide, data[:2], one)  # a new shape: a new graph, a new plan
+    assert elbo.num_compiled == 2 and len(calls) == 2
