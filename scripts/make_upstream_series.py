@@ -165,7 +165,7 @@ Why: every user of kl_divergence gets the closed forms at once,
 TraceMeanField_ELBO included: an AutoNormal guide (an Independent(Normal))
 against a MultivariateNormal or LowRankMultivariateNormal prior, or
 distributions expanded by plates, no longer raise NotImplementedError.
-TraceMarkovKL_ELBO (patch 3) looks up and explains the KL of each site.
+TraceMarkovKL_ELBO (patch 4) looks up and explains the KL of each site.
 
 How tested: each closed form against a Monte Carlo estimate of
 E_q[log q - log p] (within 5 standard errors) and against autograd
@@ -173,10 +173,10 @@ gradients; the replaced functions against the ones they replace; the
 lookup's precedence, ambiguity and errors; stacked KLs against per-site
 KLs. Pyro's tests/distributions/test_kl.py and the TraceMeanField_ELBO
 cases of test_subsample_gradient still pass. The tests of these files that
-go through the ELBO follow in patch 3.
+go through the ELBO follow in patch 4.
 
-What follows: dispatch-level provenance (patch 2), TraceMarkovKL_ELBO
-(patch 3).""",
+What follows: dispatch-level provenance (patch 2), the dependency analysis
+(patch 3), TraceMarkovKL_ELBO (patch 4).""",
     ),
     PatchSpec(
         slug="dispatch-provenance",
@@ -201,32 +201,74 @@ __torch_function__) that the program must carry, and which loses in-place
 writes into plain buffers; it is imported by pyro.nn.module, so by every
 `import pyro`. The dispatch-level tracker watches an unmodified program,
 needs torch's private dispatch-mode API (torch.utils._python_dispatch), and is
-imported only by the ELBO that uses it (patch 3). Keeping the two apart keeps
-that API out of `import pyro` and leaves the choice between them, for
-pyro.infer.inspect.get_dependencies too, to a later change.
+imported only by the dependency analysis that uses it (patch 3). Keeping the
+two apart keeps that API out of `import pyro` and leaves the choice between
+them, for pyro.infer.inspect.get_dependencies too, to a later change.
 
 How tested: tests/infer/markov_kl/test_dependencies.py: sixteen kinds of data
 flow are tracked, value-independent factories (zeros_like, ...) carry no
 dependency, escapes are recorded, closures and partials are reachable. The
-tests of that file that go through the ELBO follow in patch 3.
+tests of that file that go through the ELBO follow in patch 4.
 
 What follows: TraceMarkovKL_ELBO's dependency analysis (patch 3) runs the model
 and the guide under the tracker.""",
     ),
     PatchSpec(
+        slug="markov-kl-dependency-analysis",
+        title="Add the dependency analysis and site records behind TraceMarkovKL_ELBO",
+        modules=_sub("dependencies", "guide_messenger", "sites", "records", "plan_cache"),
+        tests=_tests("test_no_side_effects"),
+        description="""\
+What: the analysis stage of TraceMarkovKL_ELBO (patch 4), in
+pyro/infer/markov_kl/, with no estimator yet:
+
+* dependencies.py: analyse_dependencies runs the guide, then the model on the
+  guide's replayed samples, under the dispatch-level tracker of patch 2, and
+  returns for every sample site the sites its distribution depends on, in the
+  guide and in the model (ProgramDependencies); isolated_analysis runs it
+  outside any JIT trace, without validation or autograd, and under
+  no_side_effects, which undoes what the extra run changes (random number
+  generators, module buffers such as BatchNorm's running statistics, the
+  param store).
+* guide_messenger.py: the same analysis for guides that are GuideMessengers
+  (AutoNormalMessenger, AutoRegressiveMessenger, user subclasses), which run
+  the model inside the guide: one run, two trackers.
+* sites.py: which sample sites count and how, read off the traces (the
+  per-site option infer={"kl": ...}, reparameterization, the model/guide
+  consistency checks), and site_factors, which takes a site's distribution
+  apart into a bare distribution, its scale and its mask.
+* records.py: SiteRecord and Plan, the decisions for one site and for one
+  model/guide structure, with the table print(plan) shows (exported by
+  pyro.infer.markov_kl).
+* plan_cache.py: the key of a model/guide structure (structure_key: the
+  sites, their distribution types, shapes, plates and options; argument_key:
+  the call's non-tensor arguments, such as a flag that rewires the guide) and
+  PlanCache, a least-recently-used cache of plans that re-analyses a step at a
+  few uses of a plan and warns (StalePlanWarning) when the decisions changed
+  behind an equal key.
+
+Why a patch of its own: with the estimator these modules would make one
+patch of over 5000 lines. They are the part of the ELBO that reads a
+program, and can be reviewed without the estimator: which data flow counts
+as a dependency, what the analysis may change in the program's state, what a
+plan records and what it is keyed on. Nothing outside pyro.infer.markov_kl
+imports them yet, so `import pyro` is unchanged.
+
+How tested: tests/infer/markov_kl/test_no_side_effects.py checks that
+no_side_effects restores reassigned buffers and removes parameters created
+inside it. The rest of this stage is tested through the ELBO, since its input
+is a model and guide run by the ELBO: its tests follow in patch 4 (the plan,
+the state a step leaves, new plans for new structures) and patch 5
+(GuideMessenger guides, escapes, cached plans that go stale, bad input).
+
+What follows: TraceMarkovKL_ELBO, which builds its per-site plan from this
+analysis (patch 4).""",
+    ),
+    PatchSpec(
         slug="trace-markov-kl-elbo",
         title="Add TraceMarkovKL_ELBO: per-site analytic KL where it is unbiased",
         modules={
-            **_sub(
-                "dependencies",
-                "guide_messenger",
-                "sites",
-                "terms",
-                "records",
-                "plan_cache",
-                "score_function",
-                "plan",
-            ),
+            **_sub("terms", "score_function", "plan"),
             "trace_markov_kl_elbo": "pyro/infer/trace_markov_kl_elbo.py",
         },
         exports={
@@ -236,17 +278,7 @@ and the guide under the tracker.""",
         docs=("pyro.infer.trace_markov_kl_elbo", SUBPACKAGE),
         tests={
             "test_elbo": "tests/infer/test_trace_markov_kl_elbo.py",
-            **_tests(
-                "test_overrides_and_errors",
-                "test_bad_input",
-                "test_jit",
-                "test_score_function",
-                "test_baselines",
-                "test_guide_messenger",
-                "test_escapes",
-                "test_no_side_effects",
-                "test_plan_staleness",
-            ),
+            **_tests("test_overrides_and_errors", "test_score_function"),
         },
         pyro_test_edits={
             "tests/infer/test_gradient.py": JIT_ELBO_EDITS,
@@ -265,20 +297,21 @@ the Monte Carlo term.) Elsewhere it is Trace_ELBO. TraceMeanField_ELBO uses the
 KL at every site, which is biased for guides that are not mean field, and
 Trace_ELBO never uses it.
 
-Which sampled values flow into which distribution is found by running the
-model and the guide under the tracker of patch 2, once per model/guide
-structure: the per-site decisions (the plan) are cached on a key of the sites,
-shapes and non-tensor arguments, and the cache re-analyses at a few uses to
-catch structure the key cannot see. Also:
+Which sampled values flow into which distribution is found by the dependency
+analysis of patch 3, once per model/guide structure: plan.py turns it into the
+per-site decisions (the plan), cached by patch 3's PlanCache; terms.py computes
+each site's term (the KL, with the site's scale and mask, stacked over the
+steps of a chain where the distributions allow). Also:
 
 * infer={"kl": "auto" | "mc" | "analytic"} per site; "analytic" is refused
   where it would be biased;
 * explain(model, guide, *args) returns the plan: for each site its estimator,
   guide and model parents, and the reason;
-* non-reparameterized sites get TraceGraph_ELBO's score-function terms, with
-  costs that follow the dependencies across plates, and a leave-one-out baseline
-  (the mean cost of the other elements of the site's plates) where that is
-  unbiased, unless the site has its own infer={"baseline": ...};
+* non-reparameterized sites get TraceGraph_ELBO's score-function terms
+  (score_function.py), with costs that follow the dependencies across plates,
+  and a leave-one-out baseline (the mean cost of the other elements of the
+  site's plates) where that is unbiased, unless the site has its own
+  infer={"baseline": ...};
 * guides that are GuideMessengers (AutoNormalMessenger, ...) are analysed too.
 
 Why: in state-space models and the Deep Markov Model, the per-step KL removes
@@ -296,12 +329,62 @@ of test_valid_models.py), so an ELBO without it could not join them.
 
 How tested: TraceMarkovKL_ELBO (and its JIT twin where Pyro lists
 JitTraceMeanField_ELBO) joins TraceMeanField_ELBO in the ELBO parametrizations
-of tests/infer/test_gradient.py, test_valid_models.py and test_jit.py. New
-tests: the tests listed below; the statistical and reference tests follow in
-patches 4 and 5.
+of tests/infer/test_gradient.py, test_valid_models.py and test_jit.py (so
+on non-reparameterized sites, subsampled plates and under the JIT too). New
+tests, listed below: the estimator against Trace_ELBO and
+TraceMeanField_ELBO, the per-site options and explain(), exact gradients of
+the score-function terms and TraceGraph_ELBO's values with plates and masks,
+and the tests of patches 1 to 3 that go through the ELBO. The tests of the
+analysis, the plan cache, the JIT twin, the baselines and bad input follow in
+patch 5, the statistical and reference tests in patches 6 and 7.
 
-What follows: reference tests (patches 4 and 5); TraceEnumMarkovKL_ELBO
-(patch 6).""",
+What follows: tests (patches 5 to 7); TraceEnumMarkovKL_ELBO (patch 8).""",
+    ),
+    PatchSpec(
+        slug="trace-markov-kl-elbo-analysis-tests",
+        title="Test TraceMarkovKL_ELBO's analysis, plan cache, JIT twin, baselines and errors",
+        tests=_tests(
+            "test_guide_messenger",
+            "test_escapes",
+            "test_plan_staleness",
+            "test_baselines",
+            "test_jit",
+            "test_bad_input",
+        ),
+        description="""\
+What: tests only, of what TraceMarkovKL_ELBO (patch 4) does besides its
+estimator, most of it the dependency analysis and plan cache of patch 3:
+
+* test_guide_messenger.py: the plan of GuideMessenger guides
+  (AutoNormalMessenger, ...), whose model runs inside the guide, and their
+  loss and gradients against Trace_ELBO and the evidence;
+* test_escapes.py: a sampled value that leaves torch's dispatcher (memory
+  shared with numpy, dlpack) keeps its dependency or is handled
+  conservatively; a computation in another thread is not seen (a documented
+  limitation, tested so that the docs follow if it changes);
+* test_plan_staleness.py: a new plan when a transform, a flag argument
+  (positional or keyword), a mutated configuration object, the kl_rules or
+  the baseline option rewire the program; a StalePlanWarning when a switch
+  outside the key changes the structure; none for a stable program;
+* test_baselines.py: the leave-one-out baseline's values (with masks), the
+  plates it is taken over, and unbiasedness against TraceGraph_ELBO and
+  Trace_ELBO, under the JIT too, and where a baseline over a plate would be
+  biased;
+* test_jit.py: JitTraceMarkovKL_ELBO compiles once per structure, matches the
+  eager ELBO's loss and gradients for the same draw, emits no tracer
+  warnings, and does not write to the param store;
+* test_bad_input.py: missing and inconsistent sites, wrong shapes, NaN and
+  infinite KLs, unknown options: an error that names the site and the
+  problem; determinism for a seed; new plans for a changing structure.
+
+Why separate: with the ELBO these tests would make a patch of over 3000
+lines; they check the parts around the estimator, which patch 4's own tests
+and Pyro's parametrized tests exercise only through it.
+
+How tested: they pass on patch 4.
+
+What follows: tests against exact ELBOs (patch 6) and recorded reference
+programs (patch 7), TraceEnumMarkovKL_ELBO (patch 8).""",
     ),
     PatchSpec(
         slug="trace-markov-kl-elbo-exact-tests",
@@ -320,15 +403,15 @@ Trace_ELBO's behaviour is the contract (factors, deterministic sites,
 observed guide sites, auxiliary guide sites, warnings, shape errors,
 autoguides).
 
-Why separate: patch 3 is large; these tests add confidence in its estimator
+Why separate: patch 4 is large; these tests add confidence in its estimator
 without adding code, and can be reviewed, or moved to Pyro's integration
 stage, on their own.
 
-How tested: they pass on patch 3; test_closed_form.py and
+How tested: they pass on patch 5; test_closed_form.py and
 test_property_plates.py take a few minutes together.
 
-What follows: tests against recorded reference programs (patch 5),
-TraceEnumMarkovKL_ELBO (patch 6).""",
+What follows: tests against recorded reference programs (patch 7),
+TraceEnumMarkovKL_ELBO (patch 8).""",
     ),
     PatchSpec(
         slug="trace-markov-kl-elbo-recorded-tests",
@@ -347,13 +430,13 @@ test_property_recorded.py draws random programs of these families
 guide edges and transforms switched by call arguments, and checks the
 estimator against the exact value or Trace_ELBO.
 
-Why separate: as patch 4, confidence without code; the program generator is
+Why separate: as patch 6, confidence without code; the program generator is
 a long file of its own.
 
-How tested: they pass on patch 4; test_property_recorded.py takes a few
+How tested: they pass on patch 6; test_property_recorded.py takes a few
 minutes.
 
-What follows: TraceEnumMarkovKL_ELBO (patch 6).""",
+What follows: TraceEnumMarkovKL_ELBO (patch 8).""",
     ),
     PatchSpec(
         slug="trace-enum-markov-kl-elbo",
@@ -373,7 +456,7 @@ What: TraceEnumMarkovKL_ELBO and JitTraceEnumMarkovKL_ELBO, exported by
 pyro.infer: TraceEnum_ELBO, with the analytic KL of TraceMarkovKL_ELBO
 substituted inside its own computation for every latent site sampled (not
 enumerated) in the guide whose model factor involves no site enumerated in the
-model and whose KL is unbiased by the rule of patch 3. The model site's packed
+model and whose KL is unbiased by the rule of patch 4. The model site's packed
 log_prob becomes -f_p (KL + H) (or -f_p KL where the scales agree) and the
 guide site's -f_q H (or zero), with the site's own plate and enumeration
 dimensions; where q_s depends on a site enumerated in the guide, the KL carries
