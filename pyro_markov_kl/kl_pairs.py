@@ -374,6 +374,11 @@ def _kl_independent_independent(q: Independent, p: Independent) -> Tensor:
     shared = min(q.reinterpreted_batch_ndims, p.reinterpreted_batch_ndims)
     q0, p0 = _strip(q, shared), _strip(p, shared)
     kl = nested_kl(q0, p0)
+    if isinstance(kl, numbers.Number):
+        # Pyro's (MaskedDistribution, MaskedDistribution) returns the float 0.0 for a mask of
+        # False; Pyro's (Independent, Independent) passes a number through unchanged
+        # (sum_rightmost leaves it), and TraceMeanField_ELBO accepts it
+        return kl
     expected = torch.broadcast_shapes(q0.batch_shape, p0.batch_shape)
     if not isinstance(kl, Tensor) or kl.shape != expected:
         shape = tuple(kl.shape) if isinstance(kl, Tensor) else type(kl).__name__
