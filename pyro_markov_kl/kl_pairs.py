@@ -77,6 +77,7 @@ import torch
 from pyro.distributions.delta import Delta
 from pyro.distributions.torch_distribution import ExpandedDistribution
 from pyro.distributions.util import sum_rightmost
+from pyro.util import ignore_jit_warnings
 from torch import Tensor
 from torch.distributions import (
     Distribution,
@@ -379,8 +380,10 @@ def _kl_independent_independent(q: Independent, p: Independent) -> Tensor:
         # False; Pyro's (Independent, Independent) passes a number through unchanged
         # (sum_rightmost leaves it), and TraceMeanField_ELBO accepts it
         return kl
-    expected = torch.broadcast_shapes(q0.batch_shape, p0.batch_shape)
-    if not isinstance(kl, Tensor) or kl.shape != expected:
+    with ignore_jit_warnings():  # under the JIT, a constant of the compiled graph
+        expected = torch.broadcast_shapes(q0.batch_shape, p0.batch_shape)
+        wrong = not isinstance(kl, Tensor) or kl.shape != expected
+    if wrong:
         shape = tuple(kl.shape) if isinstance(kl, Tensor) else type(kl).__name__
         raise KLDivergenceError(
             f"the KL of the pair inside Independent ({distribution_name(q0)} vs "

@@ -341,3 +341,26 @@ def test_user_rule_registered_with_torch_applies_inside_independent():
             loss = TraceMarkovKL_ELBO().loss(model, guide, torch.tensor(1.0))
     assert calls
     assert math.isfinite(loss)
+
+
+def test_jit_independent_pair_gives_no_tracer_warning():
+    # The (Independent, Independent) shape check read traced shapes inside the compiled graph:
+    # a TracerWarning that JitTrace_ELBO does not give, and under Pyro's warnings-as-errors
+    # "SystemError: <method '__bool__' ...> returned a result with an exception set"
+    from pyro_markov_kl import JitTraceMarkovKL_ELBO
+
+    def model(data):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+        pyro.sample("obs", dist.Normal(z.sum(-1), 1.0), obs=data)
+
+    def guide(data):
+        m = pyro.param("m", lambda: torch.zeros(3))
+        pyro.sample("z", dist.Normal(m, 0.5).to_event(1))
+
+    elbo = JitTraceMarkovKL_ELBO(num_particles=10, vectorize_particles=True, max_plate_nesting=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", "torch.tensor results are registered as constants")
+        warnings.filterwarnings("ignore", category=DeprecationWarning)  # torch.jit.trace's own
+        loss = elbo.loss_and_grads(model, guide, torch.tensor(1.0))
+    assert math.isfinite(loss)
