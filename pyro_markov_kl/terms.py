@@ -87,7 +87,9 @@ def mc_term(
     """
     log_p, log_q = site_log_prob(model_site), site_log_prob(guide_site, log_q)
     surrogate_q = log_q if reparameterized else log_q.detach()
-    if log_p.shape == log_q.shape:
+    with ignore_jit_warnings():  # under the JIT, a constant of the compiled graph
+        same_shape = log_p.shape == log_q.shape
+    if same_shape:
         return log_p - log_q, log_p - surrogate_q
     return log_p.sum() - log_q.sum(), log_p.sum() - surrogate_q.sum()
 

@@ -343,12 +343,7 @@ def test_user_rule_registered_with_torch_applies_inside_independent():
     assert math.isfinite(loss)
 
 
-def test_jit_independent_pair_gives_no_tracer_warning():
-    # The (Independent, Independent) shape check read traced shapes inside the compiled graph:
-    # a TracerWarning that JitTrace_ELBO does not give, and under Pyro's warnings-as-errors
-    # "SystemError: <method '__bool__' ...> returned a result with an exception set"
-    from pyro_markov_kl import JitTraceMarkovKL_ELBO
-
+def _jit_independent_pair():
     def model(data):
         z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
         pyro.sample("obs", dist.Normal(z.sum(-1), 1.0), obs=data)
@@ -357,10 +352,41 @@ def test_jit_independent_pair_gives_no_tracer_warning():
         m = pyro.param("m", lambda: torch.zeros(3))
         pyro.sample("z", dist.Normal(m, 0.5).to_event(1))
 
-    elbo = JitTraceMarkovKL_ELBO(num_particles=10, vectorize_particles=True, max_plate_nesting=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", torch.jit.TracerWarning)
-        warnings.filterwarnings("ignore", "torch.tensor results are registered as constants")
-        warnings.filterwarnings("ignore", category=DeprecationWarning)  # torch.jit.trace's own
-        loss = elbo.loss_and_grads(model, guide, torch.tensor(1.0))
-    assert math.isfinite(loss)
+    return model, guide
+
+
+def _jit_transformed_mc():
+    # a TransformedDistribution guide against a LogNormal prior: Monte Carlo, whose
+    # log_p/log_q shape comparison read traced shapes
+    def model(data):
+        s = pyro.sample("s", dist.LogNormal(0.0, 1.0))
+        pyro.sample("obs", dist.Normal(0.0, s), obs=data)
+
+    def guide(data):
+        m = pyro.param("m", lambda: torch.tensor(0.0))
+        ts = [T.AffineTransform(0.0, 2.0), T.ExpTransform(), T.AffineTransform(0.0, 0.5)]
+        pyro.sample("s", dist.TransformedDistribution(dist.Normal(m, 0.5), ts))
+
+    return model, guide
+
+
+@pytest.mark.parametrize("program", [_jit_independent_pair, _jit_transformed_mc])
+def test_jit_gives_no_tracer_warning_where_jit_trace_elbo_gives_none(program):
+    # The (Independent, Independent) shape check and the Monte Carlo term's shape comparison
+    # read traced shapes inside the compiled graph: a TracerWarning that JitTrace_ELBO does
+    # not give, and under Pyro's warnings-as-errors
+    # "SystemError: <method '__bool__' ...> returned a result with an exception set"
+    from pyro.infer import JitTrace_ELBO
+
+    from pyro_markov_kl import JitTraceMarkovKL_ELBO
+
+    model, guide = program()
+    for cls in (JitTrace_ELBO, JitTraceMarkovKL_ELBO):
+        pyro.clear_param_store()
+        elbo = cls(num_particles=10, vectorize_particles=True, max_plate_nesting=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", "torch.tensor results are registered as constants")
+            warnings.filterwarnings("ignore", category=DeprecationWarning)  # torch.jit.trace's
+            loss = elbo.loss_and_grads(model, guide, torch.tensor(1.0))
+        assert math.isfinite(loss)
