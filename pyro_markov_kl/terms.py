@@ -176,9 +176,9 @@ def batched_analytic_term(
     for f in factors:
         if has_mask(f.q) or has_mask(f.p):
             return None
-        if f.p.batch_shape != f.q.batch_shape or not same_factor(
-            f.scale_p, f.mask_p, f.scale_q, f.mask_q
-        ):
+        with ignore_jit_warnings():  # under the JIT, a constant of the compiled graph
+            same_shape = f.p.batch_shape == f.q.batch_shape
+        if not same_shape or not same_factor(f.scale_p, f.mask_p, f.scale_q, f.mask_q):
             return None
         if not (_within(f.scale_p, f.q.batch_shape) and _within(f.mask_p, f.q.batch_shape)):
             return None

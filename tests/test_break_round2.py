@@ -370,23 +370,62 @@ def _jit_transformed_mc():
     return model, guide
 
 
-@pytest.mark.parametrize("program", [_jit_independent_pair, _jit_transformed_mc])
+def _jit_stacked_chain():
+    # two analytic sites of one kind, stacked into one KL call (batched_analytic_term)
+    def model(data):
+        z = pyro.sample("z_0", dist.Normal(torch.zeros(2), 0.5).to_event(1))
+        z = pyro.sample("z_1", dist.Normal(0.8 * z, 0.5).to_event(1))
+        pyro.sample("obs", dist.Normal(z.sum(-1), 1.0), obs=data)
+
+    def guide(data):
+        a = pyro.param("a", lambda: torch.tensor(0.5))
+        z = pyro.sample("z_0", dist.Normal(torch.zeros(2), 0.6).to_event(1))
+        pyro.sample("z_1", dist.Normal(a * z, 0.6).to_event(1))
+
+    return model, guide
+
+
+def _jit_tensor_masks_in_to_event():
+    # tensor masks inside .to_event (unwrap_mask's constant-along-the-event check)
+    def model(data):
+        mask = torch.tensor([True, False, True])
+        z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([3]).mask(mask).to_event(1))
+        pyro.sample("obs", dist.Normal(z.sum(-1), 1.0), obs=data)
+
+    def guide(data):
+        m = pyro.param("m", lambda: torch.zeros(3))
+        pyro.sample("z", dist.Normal(m, 0.8).mask(torch.tensor([True, True, False])).to_event(1))
+
+    return model, guide
+
+
+@pytest.mark.parametrize(
+    "program",
+    [_jit_independent_pair, _jit_transformed_mc, _jit_stacked_chain, _jit_tensor_masks_in_to_event],
+)
 def test_jit_gives_no_tracer_warning_where_jit_trace_elbo_gives_none(program):
-    # The (Independent, Independent) shape check and the Monte Carlo term's shape comparison
-    # read traced shapes inside the compiled graph: a TracerWarning that JitTrace_ELBO does
-    # not give, and under Pyro's warnings-as-errors
+    # The estimator's structural reads of traced shapes (the (Independent, Independent) shape
+    # check, the Monte Carlo term's shape comparison, stacking, the mask check) gave
+    # TracerWarnings that JitTrace_ELBO does not give; under Pyro's warnings-as-errors
     # "SystemError: <method '__bool__' ...> returned a result with an exception set"
     from pyro.infer import JitTrace_ELBO
 
     from pyro_markov_kl import JitTraceMarkovKL_ELBO
 
     model, guide = program()
+    where = []
     for cls in (JitTrace_ELBO, JitTraceMarkovKL_ELBO):
         pyro.clear_param_store()
         elbo = cls(num_particles=10, vectorize_particles=True, max_plate_nesting=0)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", torch.jit.TracerWarning)
-            warnings.filterwarnings("ignore", "torch.tensor results are registered as constants")
-            warnings.filterwarnings("ignore", category=DeprecationWarning)  # torch.jit.trace's
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
             loss = elbo.loss_and_grads(model, guide, torch.tensor(1.0))
         assert math.isfinite(loss)
+        where.append(
+            {
+                (w.filename, w.lineno, str(w.message)[:40])
+                for w in record
+                if issubclass(w.category, torch.jit.TracerWarning)
+            }
+        )
+    assert where[1] <= where[0], where[1] - where[0]
