@@ -27,7 +27,11 @@ Built-in KL divergences, registered with
 
 A replaced registration returns the same value as the one it replaces
 wherever that one returns a value, and declines (raises
-:class:`NotImplementedError`) only where that one raises. The last two rows
+:class:`NotImplementedError`) only where that one raises, with one exception:
+for equal transforms that are not bijective (``FoldedDistribution`` against
+``FoldedDistribution`` or ``HalfNormal``: ``AbsTransform``) torch's function
+returns the KL of the bases, which is not the KL of the pair (only an upper
+bound), and ours declines, so that Monte Carlo is used. The last two rows
 only break ties between the generic pairs (and Pyro's ``(Delta,
 Distribution)``) so that :func:`torch.distributions.kl_divergence` warns of no
 ambiguity.
