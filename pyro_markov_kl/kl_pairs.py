@@ -27,7 +27,11 @@ Built-in KL divergences, registered with
 
 A replaced registration returns the same value as the one it replaces
 wherever that one returns a value, and declines (raises
-:class:`NotImplementedError`) only where that one raises. The last two rows
+:class:`NotImplementedError`) only where that one raises, with one exception:
+for equal transforms that are not bijective (``FoldedDistribution`` against
+``FoldedDistribution`` or ``HalfNormal``: ``AbsTransform``) torch's function
+returns the KL of the bases, which is not the KL of the pair (only an upper
+bound), and ours declines, so that Monte Carlo is used. The last two rows
 only break ties between the generic pairs (and Pyro's ``(Delta,
 Distribution)``) so that :func:`torch.distributions.kl_divergence` warns of no
 ambiguity.
@@ -77,6 +81,7 @@ import torch
 from pyro.distributions.delta import Delta
 from pyro.distributions.torch_distribution import ExpandedDistribution
 from pyro.distributions.util import sum_rightmost
+from pyro.util import ignore_jit_warnings
 from torch import Tensor
 from torch.distributions import (
     Distribution,
@@ -374,8 +379,15 @@ def _kl_independent_independent(q: Independent, p: Independent) -> Tensor:
     shared = min(q.reinterpreted_batch_ndims, p.reinterpreted_batch_ndims)
     q0, p0 = _strip(q, shared), _strip(p, shared)
     kl = nested_kl(q0, p0)
-    expected = torch.broadcast_shapes(q0.batch_shape, p0.batch_shape)
-    if not isinstance(kl, Tensor) or kl.shape != expected:
+    if isinstance(kl, numbers.Number):
+        # Pyro's (MaskedDistribution, MaskedDistribution) returns the float 0.0 for a mask of
+        # False; Pyro's (Independent, Independent) passes a number through unchanged
+        # (sum_rightmost leaves it), and TraceMeanField_ELBO accepts it
+        return kl
+    with ignore_jit_warnings():  # under the JIT, a constant of the compiled graph
+        expected = torch.broadcast_shapes(q0.batch_shape, p0.batch_shape)
+        wrong = not isinstance(kl, Tensor) or kl.shape != expected
+    if wrong:
         shape = tuple(kl.shape) if isinstance(kl, Tensor) else type(kl).__name__
         raise KLDivergenceError(
             f"the KL of the pair inside Independent ({distribution_name(q0)} vs "

@@ -20,6 +20,7 @@ import torch
 from pyro.distributions.torch_distribution import MaskedDistribution
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
+from pyro.util import ignore_jit_warnings
 from torch.distributions import Distribution, Independent
 
 __all__ = [
@@ -203,7 +204,9 @@ def unwrap_mask(fn: Distribution) -> Tuple[Distribution, Any]:
 def _constant_along_last(m: torch.Tensor, n: int) -> bool:
     """Whether a mask is constant along its ``n`` rightmost dimensions (see :func:`unwrap_mask`)."""
     dims = range(m.dim() - n, m.dim())
-    if all(m.size(d) == 1 or m.stride(d) == 0 for d in dims):
+    with ignore_jit_warnings():  # under the JIT, a constant of the compiled graph
+        broadcast = all(m.size(d) == 1 or m.stride(d) == 0 for d in dims)
+    if broadcast:
         return True
     if torch._C._get_tracing_state():
         return False

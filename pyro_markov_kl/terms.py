@@ -87,7 +87,9 @@ def mc_term(
     """
     log_p, log_q = site_log_prob(model_site), site_log_prob(guide_site, log_q)
     surrogate_q = log_q if reparameterized else log_q.detach()
-    if log_p.shape == log_q.shape:
+    with ignore_jit_warnings():  # under the JIT, a constant of the compiled graph
+        same_shape = log_p.shape == log_q.shape
+    if same_shape:
         return log_p - log_q, log_p - surrogate_q
     return log_p.sum() - log_q.sum(), log_p.sum() - surrogate_q.sum()
 
@@ -174,9 +176,9 @@ def batched_analytic_term(
     for f in factors:
         if has_mask(f.q) or has_mask(f.p):
             return None
-        if f.p.batch_shape != f.q.batch_shape or not same_factor(
-            f.scale_p, f.mask_p, f.scale_q, f.mask_q
-        ):
+        with ignore_jit_warnings():  # under the JIT, a constant of the compiled graph
+            same_shape = f.p.batch_shape == f.q.batch_shape
+        if not same_shape or not same_factor(f.scale_p, f.mask_p, f.scale_q, f.mask_q):
             return None
         if not (_within(f.scale_p, f.q.batch_shape) and _within(f.mask_p, f.q.batch_shape)):
             return None

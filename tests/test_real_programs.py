@@ -18,6 +18,16 @@ from pyro.infer.autoguide import AutoDelta, AutoDiagonalNormal, AutoMultivariate
 from pyro_markov_kl import TraceEnumMarkovKL_ELBO, TraceMarkovKL_ELBO
 from pyro_markov_kl.provenance import DependencyTracker
 
+
+@pytest.fixture(autouse=True)
+def _fresh_param_store():
+    # explain() below runs the guide with whatever params an earlier test module left
+    # (test_jit.py leaves a "w" of shape (4,)): start and end with an empty store
+    pyro.clear_param_store()
+    yield
+    pyro.clear_param_store()
+
+
 # --- a plate without a size (examples/vae/ss_vae_M2.py) --------------------------------------
 
 N_DATA = 20
