@@ -159,7 +159,7 @@ def _and(a: Any, b: Any) -> Any:
     return a & b
 
 
-def unwrap_mask(fn: Distribution) -> Tuple[Distribution, Any]:
+def unwrap_mask(fn: Distribution, by_value: bool = True) -> Tuple[Distribution, Any]:
     """
     Strip :class:`~pyro.distributions.torch_distribution.MaskedDistribution`
     wrappers (``.mask()``), including one under an ``Independent`` whose mask
@@ -177,7 +177,7 @@ def unwrap_mask(fn: Distribution) -> Tuple[Distribution, Any]:
     the first trace's mask, and a later mask that varies inside the event is
     handled by the fallbacks of the terms, which are unbiased as well. Inside a
     JIT trace, where a value-dependent branch would be compiled in, only the
-    strides count.
+    strides count; with ``by_value=False`` too.
     """
     mask = None
     while True:
@@ -191,7 +191,7 @@ def unwrap_mask(fn: Distribution) -> Tuple[Distribution, Any]:
             m = inner._mask
             if torch.is_tensor(m) and m.dim() > len(inner.batch_shape) - k:
                 nk = min(k, m.dim())
-                if not _constant_along_last(m, nk):
+                if not _constant_along_last(m, nk, by_value):
                     break  # the mask may vary inside the event
                 m = m[(Ellipsis,) + (0,) * nk]
             mask = _and(mask, m)
@@ -201,14 +201,14 @@ def unwrap_mask(fn: Distribution) -> Tuple[Distribution, Any]:
     return fn, mask
 
 
-def _constant_along_last(m: torch.Tensor, n: int) -> bool:
+def _constant_along_last(m: torch.Tensor, n: int, by_value: bool = True) -> bool:
     """Whether a mask is constant along its ``n`` rightmost dimensions (see :func:`unwrap_mask`)."""
     dims = range(m.dim() - n, m.dim())
     with ignore_jit_warnings():  # under the JIT, a constant of the compiled graph
         broadcast = all(m.size(d) == 1 or m.stride(d) == 0 for d in dims)
     if broadcast:
         return True
-    if torch._C._get_tracing_state():
+    if not by_value or torch._C._get_tracing_state():
         return False
     first = m[(Ellipsis,) + (slice(0, 1),) * n]
     return bool(torch.equal(m, first.expand(m.shape)))
@@ -286,8 +286,16 @@ def site_factors(model_site: Dict[str, Any], guide_site: Dict[str, Any]) -> Site
     \mathrm{KL}(q_{0,i} \| p_{0,i})`, the term is
     :math:`\sum_i [-f_{p,i}\,\mathrm{KL}_i - (f_{p,i} - f_{q,i})\,\mathrm{H}_i]`.
     """
-    q, mask_q = unwrap_mask(guide_site["fn"])
-    p, mask_p = unwrap_mask(model_site["fn"])
+    # a mask not broadcast along the event by its strides is taken apart element by element
+    # wherever both sides allow it (exact for any mask values, so the plan and every later step,
+    # also inside a JIT trace, make the same decision); only where they do not is it folded
+    # when its values are constant along the event
+    q, mask_q = unwrap_mask(guide_site["fn"], by_value=False)
+    p, mask_p = unwrap_mask(model_site["fn"], by_value=False)
+    k = max(_masked_event_dims(q), _masked_event_dims(p))
+    if k and (_strip_event_dims(q, k) is None or _strip_event_dims(p, k) is None):
+        q, mask_q = unwrap_mask(guide_site["fn"])
+        p, mask_p = unwrap_mask(model_site["fn"])
     mask_q = _and(guide_site["mask"], mask_q)
     mask_p = _and(model_site["mask"], mask_p)
     scale_q, scale_p = guide_site["scale"], model_site["scale"]
@@ -295,8 +303,8 @@ def site_factors(model_site: Dict[str, Any], guide_site: Dict[str, Any]) -> Site
     if k:
         q0, p0 = _strip_event_dims(q, k), _strip_event_dims(p, k)
         if q0 is not None and p0 is not None:
-            q0, mask_q0 = unwrap_mask(q0)
-            p0, mask_p0 = unwrap_mask(p0)
+            q0, mask_q0 = unwrap_mask(q0, by_value=False)
+            p0, mask_p0 = unwrap_mask(p0, by_value=False)
             return SiteFactors(
                 q0,
                 p0,
