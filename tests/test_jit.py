@@ -205,7 +205,7 @@ def test_compile_count_and_time_and_pickling():
 
 def test_compiling_a_graph_analyses_the_program_once(monkeypatch):
     """Pyro's JIT runs the step once to capture params, then traces it: one analysis."""
-    import pyro_markov_kl.trace_markov_kl_elbo as elbo_module
+    from pyro_markov_kl import trace_markov_kl_elbo as elbo_module
 
     calls = []
     analyse = elbo_module.analyse_dependencies
