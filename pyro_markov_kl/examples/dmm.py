@@ -45,7 +45,7 @@ polyphonic loader, read by a restricted unpickler), ``--device``/``--cuda`` and 
 The defaults are the main job: a small model, compiled (``--jit``, on by default, with
 mini-batches padded to a few bucket lengths so that two or three graphs are compiled), trained for
 100 epochs at step size 0.02 to a test NLL bound below 8.5 nats per time slice (8.43 and 8.48 in two
-runs) in about four minutes on two idle CPU cores, with a full checkpoint saved after every
+runs) in about 8.7 minutes on two idle CPU cores, with a full checkpoint saved after every
 epoch (``dmm_checkpoint.pt``); the run ends by printing the commands that evaluate the
 checkpoint and train it further. The guide's RNN is ``tanh``, which trains stably at a larger
 step size; Pyro's full-size configuration is ``--z-dim 100 --emission-dim 100 --transition-dim
