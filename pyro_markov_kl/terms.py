@@ -132,8 +132,9 @@ def _within(factor: Any, shape: torch.Size) -> bool:
     """Whether a scale or mask broadcasts to ``shape`` without enlarging it."""
     if not torch.is_tensor(factor):
         return True
-    with ignore_jit_warnings():
-        return torch.broadcast_shapes(factor.shape, shape) == shape
+    # on the hot path: plain comparisons of sizes, no warnings context, no torch.broadcast_shapes
+    fs = factor.shape
+    return len(fs) <= len(shape) and all(f == 1 or f == d for f, d in zip(fs[::-1], shape[::-1]))
 
 
 def _stack_factor(values: List[Any], shape: torch.Size, is_mask: bool) -> Any:
