@@ -5,6 +5,8 @@
 
 import hashlib
 import importlib
+import itertools
+import math
 import sys
 import types
 from importlib import resources
@@ -20,6 +22,8 @@ from pyro_markov_kl.data import (
     bucket_lengths,
     get_mini_batch,
     get_mini_batch_mask,
+    length_buckets,
+    length_grouped_batches,
     load_jsb_chorales,
     pad_and_reverse,
     reverse_sequences,
@@ -159,6 +163,77 @@ def test_bucket_lengths(max_length: int, num_buckets: int) -> None:
         assert b in buckets and length <= b < length + width
     with pytest.raises(ValueError, match="longer than the largest bucket"):
         bucket_length(max_length + 1, buckets)
+
+
+def _padded_steps(lengths: list, buckets: list, batch_size: int) -> int:
+    # an epoch's padded sequence-steps per slot: ceil(n_b / B) mini-batches of each bucket's length
+    sizes = [sum(bucket_length(n, buckets) == b for n in lengths) for b in buckets]
+    return sum(math.ceil(n / batch_size) * b for n, b in zip(sizes, buckets))
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("batch_size, num_buckets", [(1, 2), (2, 3), (3, 2), (4, 4)])
+def test_length_buckets_minimise_padded_steps(seed: int, batch_size: int, num_buckets: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 9, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g)
+    lengths = lengths.tolist()
+    buckets = length_buckets(lengths, batch_size, num_buckets)
+    assert 1 <= len(buckets) <= num_buckets and buckets == sorted(set(buckets))
+    assert buckets[-1] == max(lengths) and set(buckets) <= set(lengths)
+    # against every choice of at most num_buckets bucket lengths among the lengths present
+    distinct = sorted(set(lengths))
+    best = min(
+        _padded_steps(lengths, list(lower) + [distinct[-1]], batch_size)
+        for k in range(num_buckets)
+        for lower in itertools.combinations(distinct[:-1], k)
+    )
+    assert _padded_steps(lengths, buckets, batch_size) == best
+
+
+def test_length_buckets_on_jsb() -> None:
+    lengths = load_jsb_chorales("train")["sequence_lengths"].tolist()
+    buckets = length_buckets(lengths, 20, 4)
+    assert buckets == [52, 65, 88, 129]
+    # mini-batches of 20 drawn at random are nearly all padded to the top even bucket (129)
+    assert _padded_steps(lengths, buckets, 20) == 825 < 0.6 * 12 * 129
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (([3, 4], 0, 2), "batch_size >= 1"),
+        (([3, 4], 2, 0), "num_buckets >= 1"),
+        (([], 2, 2), "at least one sequence"),
+        (([3, 0], 2, 2), "positive length"),
+    ],
+)
+def test_length_buckets_bad_input(args: tuple, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        length_buckets(*args)
+
+
+def test_length_grouped_batches() -> None:
+    lengths = load_jsb_chorales("train")["sequence_lengths"]
+    buckets = length_buckets(lengths.tolist(), 20, 4)
+    torch.manual_seed(0)
+    epochs = [length_grouped_batches(lengths, buckets, 20) for _ in range(2)]
+    for batches in epochs:
+        # every sequence once per epoch, in mini-batches of at most 20 from one bucket each
+        assert sorted(torch.cat(batches).tolist()) == list(range(len(lengths)))
+        assert all(1 <= len(b) <= 20 for b in batches)
+        for b in batches:
+            assert len({bucket_length(int(n), buckets) for n in lengths[b]}) == 1
+        sizes = [sum(bucket_length(int(n), buckets) == k for n in lengths) for k in buckets]
+        assert len(batches) == sum(math.ceil(n / 20) for n in sizes)
+    # shuffled anew every epoch, reproducibly from torch's seed
+    assert [b.tolist() for b in epochs[0]] != [b.tolist() for b in epochs[1]]
+    torch.manual_seed(0)
+    again = length_grouped_batches(lengths, buckets, 20)
+    assert [b.tolist() for b in again] == [b.tolist() for b in epochs[0]]
+    with pytest.raises(ValueError, match="batch_size >= 1"):
+        length_grouped_batches(lengths, buckets, 0)
+    with pytest.raises(ValueError, match="longer than the largest bucket"):
+        length_grouped_batches(lengths, buckets[:-1], 20)
 
 
 @pytest.fixture

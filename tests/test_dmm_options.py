@@ -429,11 +429,16 @@ def test_jit_on_a_bucketed_batch_equals_eager(tiny_data: Path, pad: int) -> None
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("batching", ["by-length", "random"])
 @pytest.mark.parametrize("elbo", ["markov-kl", "trace"])
 def test_jit_compiles_at_most_one_graph_per_bucket(
-    tiny_data: Path, elbo: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    tiny_data: Path,
+    elbo: str,
+    batching: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
 ) -> None:
-    from pyro_markov_kl.data import bucket_lengths
+    from pyro_markov_kl.data import bucket_lengths, length_buckets
 
     traces = []
     real_trace = torch.jit.trace
@@ -444,20 +449,62 @@ def test_jit_compiles_at_most_one_graph_per_bucket(
 
     monkeypatch.setattr(torch.jit, "trace", counting_trace)
     # the tiny training sequences have 3, 4, 5, 3, 4 steps: mini-batches of 2 are 3 to 5 long
-    buckets = bucket_lengths(5, 2)
-    assert buckets == [2, 5]
-    result = _run(tiny_data, "-n", "3", "--jit", "--jit-buckets", "2", "--elbo", elbo)
+    if batching == "random":
+        buckets = bucket_lengths(5, 2)
+        assert buckets == [2, 5]
+    else:
+        buckets = length_buckets([3, 4, 5, 3, 4], 2, 2)
+        assert buckets == [3, 5]
+    flags = ["--jit", "--batching", batching, "--buckets", "2", "--elbo", elbo]
+    result = _run(tiny_data, "-n", "3", *flags)
     assert 1 <= len(traces) == result["jit_graphs"] <= len(buckets)
     assert set(result["jit_graph_lengths"]) <= set(buckets)
-    assert all(shape[1] in buckets for shape in traces)
+    assert all(shape[1] in buckets and shape[0] == 2 for shape in traces)
     out = capsys.readouterr().out
     assert f"jit: {result['jit_graphs']} compiled graph(s)" in out
-    assert "jit: mini-batches padded to the bucket lengths [2, 5]" in out
-    # without buckets, one graph per mini-batch shape (length, and size of the last batch)
+    assert f"{batching} mini-batches, bucket lengths {buckets} (the padded lengths" in out
+    # the old option name still works
     traces.clear()
-    result = _run(tiny_data, "-n", "3", "--jit", "--jit-buckets", "0", "--elbo", elbo)
-    assert len(traces) == result["jit_graphs"] > len(buckets)
-    assert set(result["jit_graph_lengths"]) <= {3, 4, 5}
+    again = _run(tiny_data, "-n", "3", *flags[:3], "--jit-buckets", "2", "--elbo", elbo)
+    assert again["train_losses_per_slice"] == result["train_losses_per_slice"]
+    if batching == "random":
+        # without buckets, one graph per mini-batch shape (length, and size of the last batch)
+        traces.clear()
+        result = _run(tiny_data, "-n", "3", "--jit", "--batching", "random", "--buckets", "0")
+        assert len(traces) == result["jit_graphs"] > len(buckets)
+        assert set(result["jit_graph_lengths"]) <= {3, 4, 5}
+
+
+def test_by_length_batching_eager(tiny_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # every epoch uses each training sequence once, in mini-batches from one length bucket, each
+    # cut to its own longest sequence (no padding to the bucket without --jit)
+    import pyro_markov_kl.examples.dmm as dmm_module
+    from pyro_markov_kl.data import bucket_length, length_buckets
+
+    seen = []
+    real = dmm_module.get_mini_batch
+
+    def recording(indices: torch.Tensor, sequences: torch.Tensor, lengths: Any, **kw: Any) -> Any:
+        batch = real(indices, sequences, lengths, **kw)
+        seen.append((indices.tolist(), lengths[indices].tolist(), batch[0].size(1)))
+        return batch
+
+    monkeypatch.setattr(dmm_module, "get_mini_batch", recording)
+    result = _run(tiny_data, "-n", "2", "--elbo", "trace", "--buckets", "2")
+    buckets = length_buckets([3, 4, 5, 3, 4], 2, 2)
+    assert len(result["train_losses_per_slice"]) == 2
+    # buckets [3, 5]: ceil(2 / 2) + ceil(3 / 2) mini-batches per epoch, then the test set's
+    assert len(seen) == 2 * 3 + 1
+    for epoch in (seen[:3], seen[3:6]):
+        assert sorted(i for indices, _, _ in epoch for i in indices) == [0, 1, 2, 3, 4]
+        for _, lengths, t in epoch:
+            assert len({bucket_length(n, buckets) for n in lengths}) == 1 and t == max(lengths)
+
+
+def test_by_length_batching_needs_a_bucket(tiny_data: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        _run(tiny_data, "-n", "1", "--buckets", "0")
+    assert "--buckets must be at least 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("script", ["dmm_compare", "dmm_distributed"])

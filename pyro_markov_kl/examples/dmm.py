@@ -65,6 +65,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections import Counter
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import pyro
@@ -93,6 +94,8 @@ from pyro_markov_kl.data import (
     bucket_length,
     bucket_lengths,
     get_mini_batch,
+    length_buckets,
+    length_grouped_batches,
     load_jsb_chorales,
     load_polyphonic_pickle,
     pad_and_reverse,
@@ -623,18 +626,31 @@ def make_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="compile the loss with torch.jit (JitTraceMarkovKL_ELBO, JitTrace_ELBO or "
-        "JitTraceMeanField_ELBO), one graph per bucket length (--jit-buckets); the guide then "
+        "JitTraceMeanField_ELBO), one graph per bucket length (--buckets); the guide then "
         "reads the time-reversed mini-batch as a padded tensor (same result as the packed one, "
         "which the tracer cannot take) and the evaluation uses the uncompiled ELBO. --no-jit "
         "runs the uncompiled ELBO, as Pyro's example does by default",
     )
     parser.add_argument(
+        "--batching",
+        choices=("by-length", "random"),
+        default="by-length",
+        help="by-length: every mini-batch holds sequences of one length bucket (--buckets; the "
+        "sequences shuffled within their bucket and the mini-batches shuffled every epoch), so "
+        "that little of it is padding; random: mini-batches drawn at random from all sequences, "
+        "as Pyro's example",
+    )
+    parser.add_argument(
+        "--buckets",
         "--jit-buckets",
+        dest="buckets",
         type=int,
         default=4,
-        help="with --jit, pad every mini-batch (masked) to the next of at most this many bucket "
-        "lengths, evenly spaced up to the longest training sequence, so that at most this many "
-        "graphs are compiled (0: no padding, one graph per mini-batch length)",
+        help="the largest number of length buckets. --batching by-length: bucket lengths chosen "
+        "to minimise the padded steps of an epoch; random: with --jit only, evenly spaced up to "
+        "the longest training sequence (0: no padding, one graph per mini-batch length). With "
+        "--jit every mini-batch is padded (masked) to its bucket's length, so that at most this "
+        "many graphs are compiled",
     )
     checkpoints = parser.add_argument_group(
         "checkpoints",
@@ -1117,8 +1133,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """
     parser = make_parser()
     args = parser.parse_args(argv)
-    if args.jit_buckets < 0:
-        parser.error("--jit-buckets must be at least 0")
+    if args.buckets < 0 or (args.buckets == 0 and args.batching == "by-length"):
+        parser.error("--buckets must be at least 1 (at least 0 with --batching random)")
     for name in ("num_epochs", "batch_size", "num_particles", "test_particles", "iaf_dim"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -1184,7 +1200,17 @@ def _run(args: argparse.Namespace) -> Dict[str, Any]:
     num_train = len(train_lengths)
     num_train_slices = int(train_lengths.sum())
     num_test_slices = int(test["sequence_lengths"].sum())
-    num_mini_batches = math.ceil(num_train / args.batch_size)
+    # --batching by-length: buckets of similar lengths, whatever --jit; random: with --jit only,
+    # to bound the number of compiled graphs
+    buckets: Optional[List[int]] = None
+    if args.batching == "by-length":
+        buckets = length_buckets(train_lengths.tolist(), args.batch_size, args.buckets)
+        bucket_sizes = Counter(bucket_length(int(n), buckets) for n in train_lengths.tolist())
+        num_mini_batches = sum(math.ceil(n / args.batch_size) for n in bucket_sizes.values())
+    else:
+        if args.jit and args.buckets > 0:
+            buckets = bucket_lengths(int(train_lengths.max()), args.buckets)
+        num_mini_batches = math.ceil(num_train / args.batch_size)
     print(
         f"DMM on {args.data or 'JSB Chorales'}: elbo={args.elbo}{' (jit)' if args.jit else ''} "
         f"guide={args.guide} z_dim={args.z_dim} emission_dim={args.emission_dim} "
@@ -1232,12 +1258,14 @@ def _run(args: argparse.Namespace) -> Dict[str, Any]:
             svi_by_shape[shape] = SVI(dmm.model, dmm.guide, optim, loss=loss), loss
         return svi_by_shape[shape]
 
-    # --jit: pad each mini-batch to a bucket length, so that a handful of graphs is compiled;
+    # --jit: pad each mini-batch to its bucket's length, so that a handful of graphs is compiled;
     # the first step at each new shape traces and compiles, and is timed as the compile time
-    buckets: Optional[List[int]] = None
-    if args.jit and args.jit_buckets > 0:
-        buckets = bucket_lengths(int(train_lengths.max()), args.jit_buckets)
-        print(f"jit: mini-batches padded to the bucket lengths {buckets}", flush=True)
+    if buckets is not None:
+        print(
+            f"{args.batching} mini-batches, bucket lengths {buckets}"
+            f"{' (the padded lengths of the compiled graphs)' if args.jit else ''}",
+            flush=True,
+        )
     compile_seconds: Dict[Tuple[int, ...], float] = {}
 
     train_losses: List[float] = []
@@ -1269,7 +1297,11 @@ def _run(args: argparse.Namespace) -> Dict[str, Any]:
         epoch_loss = 0.0
         new_graphs = 0
         # shuffle on the CPU generator whatever the device, so that runs agree across devices
-        shuffled = torch.randperm(num_train)
+        if args.batching == "by-length":
+            assert buckets is not None
+            batches = length_grouped_batches(train_lengths.cpu(), buckets, args.batch_size)
+        else:
+            batches = list(torch.randperm(num_train).split(args.batch_size))
         progress = tqdm(
             range(num_mini_batches),
             desc=f"epoch {epoch + 1}/{args.num_epochs}",
@@ -1284,9 +1316,9 @@ def _run(args: argparse.Namespace) -> Dict[str, Any]:
                 args.annealing_epochs,
                 args.minimum_annealing_factor,
             )
-            indices = shuffled[which * args.batch_size : (which + 1) * args.batch_size]
+            indices = batches[which]
             pad_to = None
-            if buckets is not None:
+            if args.jit and buckets is not None:
                 pad_to = bucket_length(int(train_lengths[indices].max()), buckets)
             if not args.jit:
                 batch = get_mini_batch(indices, train_sequences, train_lengths)
