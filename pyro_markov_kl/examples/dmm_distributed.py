@@ -390,7 +390,7 @@ def shard_loss(
 # --- training -------------------------------------------------------------------------------------
 #: Training settings of this script that differ from the main job's defaults of
 #: :mod:`pyro_markov_kl.examples.dmm` (they were that script's defaults before issue 14).
-DISTRIBUTED_DEFAULTS: dict = {"num_epochs": 40, "learning_rate": 0.01}
+DISTRIBUTED_DEFAULTS: dict = {"num_epochs": 40, "learning_rate": 0.01, "annealing_epochs": 5}
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -409,7 +409,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     # options of the DMM script that this one does not implement (it refuses other values), and
     # the training settings this script was written with (the DMM script's main job differs)
-    parser.set_defaults(jit=False, checkpoint=None, **DISTRIBUTED_DEFAULTS)
+    parser.set_defaults(jit=False, checkpoint=None, batching="random", **DISTRIBUTED_DEFAULTS)
     parser.add_argument(
         "--nproc",
         type=int,
