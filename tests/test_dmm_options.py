@@ -514,11 +514,12 @@ def test_scripts_on_the_dmm_parser_reject_its_new_options(
     import importlib
 
     main = importlib.import_module(f"pyro_markov_kl.examples.{script}").main
-    with pytest.raises(SystemExit):
-        main(["--checkpoint", "x.pt"])
-    assert f"--checkpoint is an option of pyro_markov_kl.examples.dmm that {script}" in (
-        capsys.readouterr().err
-    )
+    for flags in (["--checkpoint", "x.pt"], ["--batching", "by-length"], ["--buckets", "2"]):
+        with pytest.raises(SystemExit):
+            main(flags)
+        assert f"{flags[0]} is an option of pyro_markov_kl.examples.dmm that {script}" in (
+            capsys.readouterr().err
+        )
 
 
 def test_main_job_defaults_and_resume_help(
