@@ -205,6 +205,7 @@ def test_length_buckets_on_jsb() -> None:
         (([3, 4], 2, 0), "num_buckets >= 1"),
         (([], 2, 2), "at least one sequence"),
         (([3, 0], 2, 2), "positive length"),
+        (([2.7, 3.2], 2, 2), "must be integers"),
     ],
 )
 def test_length_buckets_bad_input(args: tuple, match: str) -> None:
@@ -234,6 +235,21 @@ def test_length_grouped_batches() -> None:
         length_grouped_batches(lengths, buckets, 0)
     with pytest.raises(ValueError, match="longer than the largest bucket"):
         length_grouped_batches(lengths, buckets[:-1], 20)
+    # a list of lengths is taken as the tensor; bad buckets or lengths are refused
+    torch.manual_seed(0)
+    as_list = length_grouped_batches(lengths.tolist(), buckets, 20)
+    assert [b.tolist() for b in as_list] == [b.tolist() for b in epochs[0]]
+    for bad in ([52, 52, 129], [129, 52], []):
+        with pytest.raises(ValueError, match="strictly ascending"):
+            length_grouped_batches(lengths, bad, 20)
+    with pytest.raises(ValueError, match="at least 1"):
+        length_grouped_batches(torch.tensor([0, 4]), [4], 1)
+
+
+def test_length_buckets_at_most_one_per_distinct_length() -> None:
+    # a huge bucket count is cut to the number of distinct lengths before the search
+    lengths = [3, 5, 5, 9] * 50
+    assert length_buckets(lengths, 2, 10**9) == [3, 5, 9]
 
 
 @pytest.fixture

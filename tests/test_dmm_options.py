@@ -501,6 +501,39 @@ def test_by_length_batching_eager(tiny_data: Path, monkeypatch: pytest.MonkeyPat
             assert len({bucket_length(n, buckets) for n in lengths}) == 1 and t == max(lengths)
 
 
+@pytest.mark.parametrize("batching", ["by-length", "random"])
+def test_jit_pads_no_mini_batch_beyond_its_sequences(
+    tiny_data: Path, batching: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a batch size above the number of sequences: the compiled graph holds the 5 sequences
+    # there are, not 50 (of which 45 empty)
+    traces = []
+    real_trace = torch.jit.trace
+
+    def counting_trace(*args: Any, **kwargs: Any) -> Any:
+        traces.append(args[1][-5].shape)
+        return real_trace(*args, **kwargs)
+
+    monkeypatch.setattr(torch.jit, "trace", counting_trace)
+    _run(tiny_data, "-n", "1", "--jit", "-b", "50", "--batching", batching, "--elbo", "trace")
+    assert traces and all(shape[0] == 5 for shape in traces)
+
+
+def test_resume_with_other_training_options_says_so(
+    tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    ck = str(tmp_path / "ck.pt")
+    _run(tiny_data, "-n", "1", "--checkpoint", ck)
+    capsys.readouterr()
+    _run(tiny_data, "-n", "2", "--resume", ck, "--checkpoint", str(tmp_path / "same.pt"))
+    assert "other training options" not in capsys.readouterr().out
+    _run(tiny_data, "-n", "2", "--resume", ck, "--no-checkpoint", "--batching", "random", "-b", "3")
+    out = capsys.readouterr().out
+    assert f"note: {ck} was written by a run with other training options: " in out
+    assert "--batching 'by-length' (this run: 'random')" in out
+    assert "--batch-size 2 (this run: 3)" in out
+
+
 def test_by_length_batching_needs_a_bucket(tiny_data: Path, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
         _run(tiny_data, "-n", "1", "--buckets", "0")
@@ -514,10 +547,12 @@ def test_scripts_on_the_dmm_parser_reject_its_new_options(
     import importlib
 
     main = importlib.import_module(f"pyro_markov_kl.examples.{script}").main
-    for flags in (["--checkpoint", "x.pt"], ["--batching", "by-length"], ["--buckets", "2"]):
+    refused = (["--checkpoint", "x.pt"], ["--batching", "by-length"], ["--buckets", "4"])
+    for flags in refused + (["--jit-buckets", "2"],):
         with pytest.raises(SystemExit):
             main(flags)
-        assert f"{flags[0]} is an option of pyro_markov_kl.examples.dmm that {script}" in (
+        option = "--buckets" if flags[0] == "--jit-buckets" else flags[0]
+        assert f"{option} is an option of pyro_markov_kl.examples.dmm that {script}" in (
             capsys.readouterr().err
         )
 

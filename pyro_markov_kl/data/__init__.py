@@ -299,10 +299,15 @@ def length_buckets(lengths: Sequence[int], batch_size: int, num_buckets: int) ->
         raise ValueError(
             f"need batch_size >= 1 and num_buckets >= 1, got {batch_size}, {num_buckets}"
         )
-    ordered = sorted(int(length) for length in lengths)
+    values = torch.as_tensor(lengths).tolist() if torch.is_tensor(lengths) else list(lengths)
+    if any(int(length) != length for length in values):
+        raise ValueError(f"sequence lengths must be integers, got {values}")
+    ordered = sorted(int(length) for length in values)
     if not ordered or ordered[0] < 1:
         raise ValueError("need at least one sequence, each of positive length")
     n = len(ordered)
+    # more buckets than distinct lengths cannot help
+    num_buckets = min(num_buckets, len(set(ordered)))
     inf = float("inf")
     # cost[k][j]: least cost of the first j sequences in k buckets; cut[k][j]: where the last starts
     cost = [[inf] * (n + 1) for _ in range(num_buckets + 1)]
@@ -342,16 +347,24 @@ def length_grouped_batches(
     length, wastes few steps. The random numbers come from torch's global generator (CPU), so
     :func:`pyro.set_rng_seed` makes the epochs reproducible.
 
-    :param torch.Tensor lengths: the ``(N,)`` sequence lengths.
-    :param buckets: the bucket lengths, ascending (e.g. of :func:`length_buckets`).
+    :param lengths: the ``(N,)`` sequence lengths (a tensor or a sequence of integers).
+    :param buckets: the bucket lengths, strictly ascending (e.g. of :func:`length_buckets`).
     :param int batch_size: the largest number of sequences per mini-batch.
     :return: the ``(B,)`` index tensors of the mini-batches, on the CPU.
     :rtype: list
+    :raises ValueError: for a batch size below 1, buckets that are not strictly ascending
+        positive lengths, a length below 1 or one longer than the largest bucket.
     """
     if batch_size < 1:
         raise ValueError(f"need batch_size >= 1, got {batch_size}")
+    buckets = list(buckets)
+    if not buckets or buckets[0] < 1 or any(a >= b for a, b in zip(buckets, buckets[1:])):
+        raise ValueError(f"buckets must be strictly ascending positive lengths, got {buckets}")
+    values = torch.as_tensor(lengths).tolist()
+    if any(length < 1 for length in values):
+        raise ValueError("every sequence length must be at least 1")
     members: Dict[int, List[int]] = {bucket: [] for bucket in buckets}
-    for index, length in enumerate(lengths.tolist()):
+    for index, length in enumerate(values):
         members[bucket_length(int(length), buckets)].append(index)
     batches = []
     for bucket in buckets:

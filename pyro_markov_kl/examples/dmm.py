@@ -785,6 +785,19 @@ ARCHITECTURE_OPTIONS = (
     "num_iafs",
     "iaf_dim",
 )
+#: The options of a run that shape its training curve without changing the model: a checkpoint
+#: records them, and resuming with other values says so (the run continues, on another curve).
+CURVE_OPTIONS = (
+    "batching",
+    "buckets",
+    "batch_size",
+    "max_train_sequences",
+    "data",
+    "annealing_epochs",
+    "minimum_annealing_factor",
+    "num_particles",
+    "jit",
+)
 
 
 def build_dmm(args: argparse.Namespace) -> DMM:
@@ -922,7 +935,7 @@ def save_checkpoint(
             "rng": get_rng_state(torch.device(args.device)),
             "train_losses": list(train_losses),
             "evaluations": [dict(e) for e in evaluations],
-            "config": {name: getattr(args, name) for name in ARCHITECTURE_OPTIONS},
+            "config": {name: getattr(args, name) for name in ARCHITECTURE_OPTIONS + CURVE_OPTIONS},
         },
         path,
     )
@@ -990,6 +1003,19 @@ def load_checkpoint(path: str, args: Optional[argparse.Namespace] = None) -> Dic
                 f"{path} was written by a run with a different model: " + ", ".join(differ)
             )
     return ck
+
+
+def curve_differences(ck: Dict[str, Any], args: argparse.Namespace) -> List[str]:
+    """
+    The options of :data:`CURVE_OPTIONS` recorded in a full checkpoint with values other than
+    this run's, as ``--name old (this run: new)`` (options a checkpoint does not record are
+    skipped).
+    """
+    return [
+        f"--{name.replace('_', '-')} {ck['config'][name]!r} (this run: {getattr(args, name)!r})"
+        for name in CURVE_OPTIONS
+        if name in ck["config"] and ck["config"][name] != getattr(args, name)
+    ]
 
 
 def _load_model_state(dmm: DMM, state: Any, path: str) -> None:
@@ -1215,6 +1241,7 @@ def _run(args: argparse.Namespace) -> Dict[str, Any]:
         bucket_sizes = Counter(bucket_length(int(n), buckets) for n in train_lengths.tolist())
         num_mini_batches = sum(math.ceil(n / args.batch_size) for n in bucket_sizes.values())
     else:
+        bucket_sizes = Counter()
         if args.jit and args.buckets > 0:
             buckets = bucket_lengths(int(train_lengths.max()), args.buckets)
         num_mini_batches = math.ceil(num_train / args.batch_size)
@@ -1267,6 +1294,13 @@ def _run(args: argparse.Namespace) -> Dict[str, Any]:
 
     # --jit: pad each mini-batch to its bucket's length, so that a handful of graphs is compiled;
     # the first step at each new shape traces and compiles, and is timed as the compile time
+    def pad_batch_to(bucket: Optional[int]) -> int:
+        # the number of sequences of a compiled graph: a full mini-batch, or all the sequences
+        # there are (of the bucket, by length) when they are fewer
+        if args.batching == "by-length":
+            return min(args.batch_size, bucket_sizes[bucket])
+        return min(args.batch_size, num_train)
+
     if buckets is not None:
         print(
             f"{args.batching} mini-batches, bucket lengths {buckets}"
@@ -1290,6 +1324,13 @@ def _run(args: argparse.Namespace) -> Dict[str, Any]:
         except Exception as e:
             raise CheckpointError(f"{args.resume}: bad random number generator state: {e}") from e
         print(f"resumed from {args.resume} after epoch {start_epoch}", flush=True)
+        changed = curve_differences(ck, args)
+        if changed:
+            print(
+                f"note: {args.resume} was written by a run with other training options: "
+                f"{', '.join(changed)}; training continues, but not on that run's curve",
+                flush=True,
+            )
     if args.load_model:
         _load_model_state(dmm, _safe_load(args.load_model, "model file"), args.load_model)
         print(f"loaded the model from {args.load_model}", flush=True)
@@ -1338,7 +1379,7 @@ def _run(args: argparse.Namespace) -> Dict[str, Any]:
                 train_lengths,
                 pack=False,
                 pad_to=pad_to,
-                pad_batch_to=args.batch_size if buckets is not None else None,
+                pad_batch_to=pad_batch_to(pad_to) if buckets is not None else None,
             )
             # the compiled loss takes tensors: a float would recompile every step
             factor = torch.tensor(factor, device=device)

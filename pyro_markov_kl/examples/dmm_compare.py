@@ -135,7 +135,8 @@ def make_parser() -> argparse.ArgumentParser:
     # the settings the tutorial's committed curves were produced with
     parser.set_defaults(num_epochs=5, annealing_epochs=1, learning_rate=0.003)
     # options of the DMM script that this one does not implement (it refuses other values)
-    parser.set_defaults(jit=False, checkpoint=None, batching="random")
+    # buckets: None, so that any --buckets is refused (they do not pad mini-batches)
+    parser.set_defaults(jit=False, checkpoint=None, batching="random", buckets=None)
     return parser
 
 

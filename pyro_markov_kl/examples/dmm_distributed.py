@@ -409,7 +409,10 @@ def make_parser() -> argparse.ArgumentParser:
     )
     # options of the DMM script that this one does not implement (it refuses other values), and
     # the training settings this script was written with (the DMM script's main job differs)
-    parser.set_defaults(jit=False, checkpoint=None, batching="random", **DISTRIBUTED_DEFAULTS)
+    # buckets: None, so that any --buckets is refused (it does not pad mini-batches)
+    parser.set_defaults(
+        jit=False, checkpoint=None, batching="random", buckets=None, **DISTRIBUTED_DEFAULTS
+    )
     parser.add_argument(
         "--nproc",
         type=int,
