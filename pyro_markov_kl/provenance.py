@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import traceback
 import types
 import weakref
@@ -341,6 +342,14 @@ class DependencyTracker:
                 return tracker._on_function(func, args, kwargs or {})
 
         class _DispatchMode(TorchDispatchMode):
+            @classmethod
+            def _should_skip_dynamo(cls) -> bool:
+                # torch wraps a mode's __torch_dispatch__ so that torch.compile does not trace
+                # it; the wrapper imports torch._dynamo on first use (about 1.2 s per process)
+                # and costs a little on every operation. Without torch._dynamo loaded nothing
+                # in this process compiles with torch.compile, and the wrapper is not needed.
+                return "torch._dynamo" in sys.modules
+
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 return tracker._on_dispatch(func, args, kwargs or {})
 
