@@ -170,3 +170,38 @@ def test_python_control_flow_on_a_sample_is_conservative():
     assert plan.sites["c"].estimator == "mc"
     assert "reached Python" in plan.sites["c"].reason or "depends on it" in plan.sites["c"].reason
     assert plan.model.unknown["c"].startswith("the value of b reached Python")
+
+
+_DYNAMO_PROGRAM = """
+import sys
+{pre}
+import torch
+from pyro_markov_kl.provenance import DependencyTracker
+
+tracker = DependencyTracker()
+with tracker:
+    a = torch.randn(2, 3) * 1.0
+    b = torch.randn(2, 3) * 1.0
+    tracker.tag(a, "a")
+    tracker.tag(b, "b")
+    out = (a.exp() @ b.T).sum(-1)
+print(sorted(tracker.names_of(tracker.provenance(out))))
+print("torch._dynamo" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("pre", ["", "import torch._dynamo"])
+def test_tracker_does_not_import_dynamo(pre: str) -> None:
+    # torch wraps a dispatch mode's handler for torch.compile, importing torch._dynamo (about
+    # 1.2 s) on first use; the tracker skips the wrapper unless torch._dynamo is already loaded,
+    # and tracks alike either way
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _DYNAMO_PROGRAM.format(pre=pre)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    assert out[-2:] == ["['a', 'b']", str(bool(pre))]
