@@ -65,6 +65,7 @@ from typing import Any, Dict, List, Optional
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _common as C  # noqa: E402
+import torch  # noqa: E402
 
 ESTIMATORS = {
     "markov-kl": (["--elbo", "markov-kl", "--no-jit"], "TraceMarkovKL_ELBO"),
@@ -109,7 +110,6 @@ def static_bernoulli_nll(splits: Dict[str, Dict[str, Any]]) -> float:
     The test NLL per time slice of the best model without a latent state: every key an
     independent Bernoulli with its frequency over the training time slices.
     """
-    import torch
 
     def slices(split: Dict[str, Any]) -> Any:
         x, lengths = split["sequences"], split["sequence_lengths"]
