@@ -429,25 +429,27 @@ def test_jit_on_a_bucketed_batch_equals_eager(tiny_data: Path, pad: int) -> None
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("batching", ["by-length", "random"])
-@pytest.mark.parametrize("elbo", ["markov-kl", "trace"])
-def test_jit_compiles_at_most_one_graph_per_bucket(
-    tiny_data: Path,
-    elbo: str,
-    batching: str,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture,
-) -> None:
-    from pyro_markov_kl.data import bucket_lengths, length_buckets
-
-    traces = []
+@pytest.fixture
+def traces(monkeypatch: pytest.MonkeyPatch) -> list:
+    """The shapes of the mini-batches that torch.jit.trace compiles graphs for, in order."""
+    shapes = []
     real_trace = torch.jit.trace
 
     def counting_trace(*args: Any, **kwargs: Any) -> Any:
-        traces.append(args[1][-5].shape)  # the mini-batch among the traced inputs
+        shapes.append(args[1][-5].shape)  # the mini-batch among the traced inputs
         return real_trace(*args, **kwargs)
 
     monkeypatch.setattr(torch.jit, "trace", counting_trace)
+    return shapes
+
+
+@pytest.mark.parametrize("batching", ["by-length", "random"])
+@pytest.mark.parametrize("elbo", ["markov-kl", "trace"])
+def test_jit_compiles_at_most_one_graph_per_bucket(
+    tiny_data: Path, elbo: str, batching: str, traces: list, capsys: pytest.CaptureFixture
+) -> None:
+    from pyro_markov_kl.data import bucket_lengths, length_buckets
+
     # the tiny training sequences have 3, 4, 5, 3, 4 steps: mini-batches of 2 are 3 to 5 long
     if batching == "random":
         buckets = bucket_lengths(5, 2)
@@ -503,18 +505,10 @@ def test_by_length_batching_eager(tiny_data: Path, monkeypatch: pytest.MonkeyPat
 
 @pytest.mark.parametrize("batching", ["by-length", "random"])
 def test_jit_pads_no_mini_batch_beyond_its_sequences(
-    tiny_data: Path, batching: str, monkeypatch: pytest.MonkeyPatch
+    tiny_data: Path, batching: str, traces: list
 ) -> None:
     # a batch size above the number of sequences: the compiled graph holds the 5 sequences
     # there are, not 50 (of which 45 empty)
-    traces = []
-    real_trace = torch.jit.trace
-
-    def counting_trace(*args: Any, **kwargs: Any) -> Any:
-        traces.append(args[1][-5].shape)
-        return real_trace(*args, **kwargs)
-
-    monkeypatch.setattr(torch.jit, "trace", counting_trace)
     _run(tiny_data, "-n", "1", "--jit", "-b", "50", "--batching", batching, "--elbo", "trace")
     assert traces and all(shape[0] == 5 for shape in traces)
 

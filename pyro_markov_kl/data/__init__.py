@@ -301,7 +301,7 @@ def length_buckets(
         raise ValueError(
             f"need batch_size >= 1 and num_buckets >= 1, got {batch_size}, {num_buckets}"
         )
-    values = torch.as_tensor(lengths).tolist() if torch.is_tensor(lengths) else list(lengths)
+    values = lengths.tolist() if torch.is_tensor(lengths) else list(lengths)
     if any(int(length) != length for length in values):
         raise ValueError(f"sequence lengths must be integers, got {values}")
     ordered = sorted(int(length) for length in values)
@@ -317,9 +317,10 @@ def length_buckets(
     cost[0][0] = 0.0
     # a bucket holds every sequence of the lengths it spans: cuts fall between distinct lengths
     ends = [j for j in range(1, n + 1) if j == n or ordered[j - 1] < ordered[j]]
+    starts = [0] + ends[:-1]
     for k in range(1, num_buckets + 1):
         for j in ends:
-            for i in [0] + ends:
+            for i in starts:
                 if i >= j:
                     break
                 if cost[k - 1][i] == inf:
