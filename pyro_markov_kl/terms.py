@@ -147,6 +147,11 @@ def _stack_factor(values: List[Any], shape: torch.Size, is_mask: bool) -> Any:
             return first
         return torch.tensor(values).reshape((-1,) + (1,) * (len(shape) - 1))
     if all(torch.is_tensor(v) for v in values):
+        with ignore_jit_warnings():  # shapes are constants of a compiled graph
+            same_shape = all(v.shape == first.shape for v in values)
+        if same_shape:  # (scalar annealing factors): stacked as they are, broadcast after
+            stacked = torch.stack(values)
+            return stacked.reshape((-1,) + (1,) * (len(shape) - stacked.dim()) + first.shape)
         return torch.stack([v.expand(shape[1:]) for v in values])
     if is_mask and all(v is None or v is True or torch.is_tensor(v) for v in values):
         return torch.stack(
@@ -167,22 +172,32 @@ class _Unbatchable(Exception):
 def batched_analytic_term(
     names: Tuple[str, ...], model_nodes: Dict[str, Any], guide_nodes: Dict[str, Any], rule: Any
 ) -> Optional[torch.Tensor]:
-    """
+    r"""
     The analytic terms of ``names`` from one KL call on stacked parameters
     (see :mod:`pyro_markov_kl.batched_kl`), or ``None`` where the sites cannot
-    be stacked this step (factors that differ between model and guide, or
-    scales and masks of mixed kinds): the caller then computes them one by one.
+    be stacked this step (a mask left inside a distribution, batch shapes that
+    differ between model and guide, factors beyond the batch shape or of mixed
+    kinds): the caller then computes them one by one.
+
+    Where the factors of model and guide are not the same objects (KL annealing
+    by ``poutine.scale`` with a tensor, which makes a new tensor at every site;
+    masks made per site; every factor under the JIT, where values cannot be
+    compared), the stacked entropy gives the term of the module docstring,
+    :math:`-f_p\,\mathrm{KL} - (f_p - f_q)\,\mathrm{H}`, for all steps at once.
     """
     factors = [site_factors(model_nodes[n], guide_nodes[n]) for n in names]
+    same = True
     for f in factors:
         if has_mask(f.q) or has_mask(f.p):
             return None
         with ignore_jit_warnings():  # under the JIT, a constant of the compiled graph
             same_shape = f.p.batch_shape == f.q.batch_shape
-        if not same_shape or not same_factor(f.scale_p, f.mask_p, f.scale_q, f.mask_q):
+        if not same_shape:
             return None
-        if not (_within(f.scale_p, f.q.batch_shape) and _within(f.mask_p, f.q.batch_shape)):
+        shape = f.q.batch_shape
+        if not all(_within(x, shape) for x in (f.scale_p, f.mask_p, f.scale_q, f.mask_q)):
             return None
+        same = same and same_factor(f.scale_p, f.mask_p, f.scale_q, f.mask_q)
     q = stack_distributions([f.q for f in factors])
     p = stack_distributions([f.p for f in factors])
     if q is None or p is None:
@@ -195,11 +210,20 @@ def batched_analytic_term(
             analytic_term(n, model_nodes[n], guide_nodes[n], rule)
         raise
     try:
-        scale = _stack_factor([f.scale_p for f in factors], kl.shape, is_mask=False)
-        mask = _stack_factor([f.mask_p for f in factors], kl.shape, is_mask=True)
-    except _Unbatchable:
+        scale_p = _stack_factor([f.scale_p for f in factors], kl.shape, is_mask=False)
+        mask_p = _stack_factor([f.mask_p for f in factors], kl.shape, is_mask=True)
+        if same:
+            term = -scale_and_mask(kl, scale_p, mask_p)
+        else:
+            scale_q = _stack_factor([f.scale_q for f in factors], kl.shape, is_mask=False)
+            mask_q = _stack_factor([f.mask_q for f in factors], kl.shape, is_mask=True)
+            entropy = q.entropy()
+            term = -scale_and_mask(kl + entropy, scale_p, mask_p) + scale_and_mask(
+                entropy, scale_q, mask_q
+            )
+    except (_Unbatchable, NotImplementedError):
         return None
-    return sum_rightmost(-scale_and_mask(kl, scale, mask), factors[0].event_dims)
+    return sum_rightmost(term, factors[0].event_dims)
 
 
 def elbo_terms(plan: Any, model_trace: Any, guide_trace: Any) -> List[Term]:

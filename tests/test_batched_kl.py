@@ -54,17 +54,21 @@ def test_user_subclass_is_not_stacked():
     assert is_stackable(dist.Normal(0.0, 1.0))
 
 
-def markov_model(data, mask):
+def markov_model(data, mask, anneal=None):
     z = torch.zeros(B, Z)
     with pyro.plate("b", B):
         for t in range(T):
-            z = pyro.sample(
-                f"z_{t}", dist.Normal(0.8 * z, 1.0).mask(mask[:, t : t + 1]).to_event(1)
-            )
+            # KL annealing in the model only, as Pyro's DMM: a tensor factor is a new tensor at
+            # every site (poutine.scale multiplies), so model and guide factors are never the
+            # same objects
+            with poutine.scale(scale=1.0 if anneal is None else anneal):
+                z = pyro.sample(
+                    f"z_{t}", dist.Normal(0.8 * z, 1.0).mask(mask[:, t : t + 1]).to_event(1)
+                )
             pyro.sample(f"x_{t}", dist.Normal(z, 1.0).to_event(1), obs=data[:, t])
 
 
-def markov_guide(data, mask):
+def markov_guide(data, mask, anneal=None):
     w = pyro.param("w", torch.tensor(0.5))
     z = torch.zeros(B, Z)
     with pyro.plate("b", B):
@@ -73,26 +77,63 @@ def markov_guide(data, mask):
                 z = pyro.sample(f"z_{t}", dist.Normal(w * z + data[:, t], 0.7).to_event(1))
 
 
-def test_batched_loss_equals_unbatched_loss():
+@pytest.mark.parametrize(
+    "anneal", [None, 0.3, torch.tensor(0.3)], ids=["no-annealing", "float", "tensor"]
+)
+def test_batched_loss_equals_unbatched_loss(anneal, monkeypatch):
+    import pyro_markov_kl.terms as terms
+
     pyro.clear_param_store()
     data = torch.randn(B, T, Z)
     mask = (torch.rand(B, T) < 0.7).float()  # a float mask, as in Pyro's DMM
+    mask[0, 0] = 0.0  # factors differ between model and guide somewhere
     elbo = TraceMarkovKL_ELBO(max_plate_nesting=1)
-    plan = elbo.explain(markov_model, markov_guide, data, mask)
+    plan = elbo.explain(markov_model, markov_guide, data, mask, anneal)
     assert plan.kl_groups == (tuple(f"z_{t}" for t in range(T)),)
     assert plan.analytic_sites() == tuple(f"z_{t}" for t in range(T))
+    calls = []
+    compute_kl_ = terms.compute_kl
+    monkeypatch.setattr(terms, "compute_kl", lambda *a: calls.append(a[0]) or compute_kl_(*a))
     pyro.set_rng_seed(0)
-    batched = elbo.differentiable_loss(markov_model, markov_guide, data, mask)
+    batched = elbo.differentiable_loss(markov_model, markov_guide, data, mask, anneal)
+    # one KL call for all steps: the factors that differ between model and guide (the guide's
+    # poutine.mask against the model's .mask(), the model-only annealing) do not unbatch it
+    assert len(calls) == 1 and "stacked with" in calls[0]
     unbatched_plan = plan.__class__(**{**plan.__dict__, "kl_groups": ()})
     key = next(iter(elbo.plan_cache))
     elbo.plan_cache.check_at, elbo.plan_cache.check_every = (), 0  # keep the altered plan
     elbo.plan_cache[key] = unbatched_plan
     pyro.set_rng_seed(0)
-    unbatched = elbo.differentiable_loss(markov_model, markov_guide, data, mask)
+    unbatched = elbo.differentiable_loss(markov_model, markov_guide, data, mask, anneal)
+    assert len(calls) == 1 + T
     assert torch.allclose(batched, unbatched, rtol=1e-6, atol=1e-5)
     (g1,) = torch.autograd.grad(batched, [pyro.param("w").unconstrained()])
     (g2,) = torch.autograd.grad(unbatched, [pyro.param("w").unconstrained()])
     assert torch.allclose(g1, g2, rtol=1e-5, atol=1e-5)
+
+
+def test_batched_term_with_learned_annealing_keeps_its_gradient():
+    # a scale that requires grad, in the model only: d/ds of s * E_q[log p] - E_q[log q]
+    # is E_q[log p] = -KL - H, which the stacked term -s (KL + H) + H keeps
+    pyro.clear_param_store()
+    data = torch.randn(B, T, Z)
+    mask = torch.ones(B, T)
+    s = torch.tensor(0.4, requires_grad=True)
+    elbo = TraceMarkovKL_ELBO(max_plate_nesting=1)
+    pyro.set_rng_seed(0)
+    loss = elbo.differentiable_loss(markov_model, markov_guide, data, mask, s)
+    (grad,) = torch.autograd.grad(loss, [s])
+    pyro.set_rng_seed(0)
+    guide_trace = poutine.trace(markov_guide).get_trace(data, mask)
+    model_trace = poutine.trace(poutine.replay(markov_model, trace=guide_trace)).get_trace(
+        data, mask
+    )
+    expected = 0.0
+    for t in range(T):
+        q = guide_trace.nodes[f"z_{t}"]["fn"].base_dist  # Normal
+        p = model_trace.nodes[f"z_{t}"]["fn"].base_dist.base_dist  # Normal under a True mask
+        expected = expected + (torch.distributions.kl_divergence(q, p) + q.entropy()).sum()
+    assert torch.allclose(grad, expected.detach(), rtol=1e-5)
 
 
 MASK = torch.tensor([True, False, True])
