@@ -39,6 +39,7 @@ from __future__ import annotations
 from typing import Any, List, Mapping, Optional, Tuple
 
 import torch
+from pyro.distributions.util import broadcast_shape
 from pyro.util import ignore_jit_warnings
 from torch import Tensor
 from torch.distributions import Distribution
@@ -179,8 +180,10 @@ def find_kl_rule(
             f"{tuple(q.event_shape)}, model {type(p).__name__} has {tuple(p.event_shape)}"
         )
     try:
-        torch.broadcast_shapes(q.batch_shape, p.batch_shape)
-    except RuntimeError:
+        # Pyro's pure-Python broadcast_shape: torch.broadcast_shapes goes through torch._refs,
+        # whose first call imports torch.fx's symbolic shapes (half a second)
+        broadcast_shape(q.batch_shape, p.batch_shape)
+    except ValueError:
         return None, (
             f"batch shapes {tuple(q.batch_shape)} (guide {type(q).__name__}) and "
             f"{tuple(p.batch_shape)} (model {type(p).__name__}) do not broadcast"
@@ -328,13 +331,13 @@ def _shape_error(
         )
     else:
         try:
-            if torch.broadcast_shapes(kl.shape, expected) == expected:
+            if broadcast_shape(kl.shape, expected) == tuple(expected):
                 hint = (
                     " The result broadcasts to the expected shape: the rule probably "
                     "ignored the batch shape of one side; expand it with "
                     f".expand({tuple(expected)})."
                 )
-        except RuntimeError:
+        except ValueError:
             pass
     return KLDivergenceError(
         f"{where}: {rule.description} returned shape {shape}, expected "
@@ -389,7 +392,7 @@ def compute_kl(
         raise
     # shapes are constants of a compiled graph: no TracerWarning (an error under -W error)
     with ignore_jit_warnings():
-        expected = torch.broadcast_shapes(q.batch_shape, p.batch_shape)
+        expected = torch.Size(broadcast_shape(q.batch_shape, p.batch_shape))
         bad_shape = not isinstance(kl, Tensor) or kl.shape != expected
     if bad_shape:
         raise _shape_error(name, q, p, rule, kl, expected)

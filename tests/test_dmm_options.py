@@ -479,7 +479,8 @@ def test_jit_compiles_at_most_one_graph_per_bucket(
 
 def test_by_length_batching_eager(tiny_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # every epoch uses each training sequence once, in mini-batches from one length bucket, each
-    # cut to its own longest sequence (no padding to the bucket without --jit)
+    # padded (masked) to its bucket's length also without --jit, so that an uncompiled run has a
+    # few trace structures (TraceMarkovKL_ELBO analyses each once), not one per length
     import pyro_markov_kl.examples.dmm as dmm_module
     from pyro_markov_kl.data import bucket_length, length_buckets
 
@@ -489,6 +490,7 @@ def test_by_length_batching_eager(tiny_data: Path, monkeypatch: pytest.MonkeyPat
     def recording(indices: torch.Tensor, sequences: torch.Tensor, lengths: Any, **kw: Any) -> Any:
         batch = real(indices, sequences, lengths, **kw)
         seen.append((indices.tolist(), lengths[indices].tolist(), batch[0].size(1)))
+        assert batch[2].sum(-1).tolist() == sorted(lengths[indices].tolist(), reverse=True)
         return batch
 
     monkeypatch.setattr(dmm_module, "get_mini_batch", recording)
@@ -500,7 +502,10 @@ def test_by_length_batching_eager(tiny_data: Path, monkeypatch: pytest.MonkeyPat
     for epoch in (seen[:3], seen[3:6]):
         assert sorted(i for indices, _, _ in epoch for i in indices) == [0, 1, 2, 3, 4]
         for _, lengths, t in epoch:
-            assert len({bucket_length(n, buckets) for n in lengths}) == 1 and t == max(lengths)
+            assert len({bucket_length(n, buckets) for n in lengths}) == 1
+            assert t == bucket_length(max(lengths), buckets)
+    # the training mini-batches have as many lengths as there are buckets
+    assert {t for _, _, t in seen[:6]} == set(buckets)
 
 
 @pytest.mark.parametrize("batching", ["by-length", "random"])

@@ -654,8 +654,9 @@ def make_parser() -> argparse.ArgumentParser:
         help="the largest number of length buckets. --batching by-length: bucket lengths chosen "
         "to minimise the padded steps of an epoch; random: with --jit only, evenly spaced up to "
         "the longest training sequence (0: no padding, one graph per mini-batch length). With "
-        "--jit every mini-batch is padded (masked) to its bucket's length, so that at most this "
-        "many graphs are compiled",
+        "by-length mini-batches or --jit every mini-batch is padded (masked) to its bucket's "
+        "length, so that a run has at most this many mini-batch lengths (plans of "
+        "TraceMarkovKL_ELBO, graphs under --jit)",
     )
     checkpoints = parser.add_argument_group(
         "checkpoints",
@@ -1366,10 +1367,13 @@ def _run(args: argparse.Namespace) -> Dict[str, Any]:
             )
             indices = batches[which]
             pad_to = None
-            if args.jit and buckets is not None:
+            if buckets is not None and (args.jit or args.batching == "by-length"):
+                # uncompiled too: TraceMarkovKL_ELBO analyses every new trace structure (a new
+                # length) once, and checks its plan at its 2nd and 16th use; padded to the
+                # bucket lengths, a run has a few structures instead of one per length
                 pad_to = bucket_length(int(train_lengths[indices].max()), buckets)
             if not args.jit:
-                batch = get_mini_batch(indices, train_sequences, train_lengths)
+                batch = get_mini_batch(indices, train_sequences, train_lengths, pad_to=pad_to)
                 epoch_loss += svi.step(*batch, factor)
                 continue
             # one shape per bucket: the last, smaller mini-batch gets empty sequences too
