@@ -26,8 +26,9 @@ plan uses Monte Carlo there.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
+import torch
 from pyro.poutine.trace_struct import Trace
 
 from .batched_kl import is_stackable
@@ -42,6 +43,7 @@ from .sites import (
     is_model_latent,
     is_reparameterized,
     kl_option,
+    observed_site_factors,
     sample_sites,
     site_factors,
 )
@@ -53,6 +55,7 @@ __all__ = [
     "bias_reason",
     "build_plan",
     "find_site_kl_rule",
+    "observed_groups",
 ]
 
 
@@ -229,7 +232,30 @@ def build_plan(
         guide=guide_deps,
         model=model_deps,
         kl_groups=tuple(tuple(g) for g in groups.values() if len(g) > 1),
+        observed_groups=observed_groups(model_sites, observed),
     )
+
+
+def observed_groups(model_sites: Mapping[str, Mapping], observed: Sequence[str]) -> tuple:
+    """
+    The observed sites (``obs=``) whose distributions, once their masks are
+    taken off, are stackable (:func:`~pyro_markov_kl.batched_kl.is_stackable`),
+    grouped by their structure through the wrappers and by the value's shape
+    and type: the emissions of a Markov chain, whose log-densities
+    :func:`~pyro_markov_kl.terms.batched_observed_term` computes in one call.
+    """
+    groups: Dict[Any, list] = {}
+    for name in observed:
+        site = model_sites[name]
+        value = site["value"]
+        if not site["is_observed"] or not torch.is_tensor(value):
+            continue
+        factors = observed_site_factors(site)
+        if factors is None or not is_stackable(factors[0]):
+            continue
+        key = (fn_signature(site["fn"]), tuple(value.shape), value.dtype)
+        groups.setdefault(key, []).append(name)
+    return tuple(tuple(g) for g in groups.values() if len(g) > 1)
 
 
 def auxiliary_record(

@@ -98,6 +98,9 @@ class Plan:
     :ivar kl_groups: groups of analytic sites whose distributions have the
         same types and shapes and share a KL rule, so that their KLs can be
         computed by one call on stacked parameters
+    :ivar observed_groups: groups of observed sites whose distributions have
+        the same types and shapes, so that their log-densities can be computed
+        by one call on stacked parameters and values
     """
 
     sites: Mapping[str, SiteRecord]
@@ -105,6 +108,7 @@ class Plan:
     guide: ProgramDependencies
     model: ProgramDependencies
     kl_groups: Tuple[Tuple[str, ...], ...] = ()
+    observed_groups: Tuple[Tuple[str, ...], ...] = ()
 
     def analytic_sites(self) -> Tuple[str, ...]:
         return tuple(n for n, r in self.sites.items() if r.estimator == "analytic")

@@ -31,6 +31,7 @@ __all__ = [
     "is_model_latent",
     "is_reparameterized",
     "kl_option",
+    "observed_site_factors",
     "same_factor",
     "sample_sites",
     "site_factors",
@@ -315,3 +316,27 @@ def site_factors(model_site: Dict[str, Any], guide_site: Dict[str, Any]) -> Site
                 k,
             )
     return SiteFactors(q, p, scale_q, mask_q, scale_p, mask_p)
+
+
+def observed_site_factors(site: Dict[str, Any]) -> Optional[Tuple[Any, Any, Any, int]]:
+    """
+    An observed site's distribution without ``.mask()`` wrappers, its scale and
+    mask, and the number ``k`` of event dimensions made batch dimensions (a
+    mask that varies inside an ``Independent``'s event, or that is not seen to
+    be constant there: its strides only, as under the JIT), so that
+    ``sum_rightmost(scale * mask * fn.log_prob(value), k)`` is the site's term;
+    ``None`` where a mask cannot be taken off.
+    """
+    fn, mask = unwrap_mask(site["fn"], by_value=False)
+    scale, k = site["scale"], _masked_event_dims(fn)
+    if k:
+        fn = _strip_event_dims(fn, k)
+        if fn is None:
+            return None
+        fn, inner = unwrap_mask(fn, by_value=False)
+        mask, scale = _and(_pad_right(_and(site["mask"], mask), k), inner), _pad_right(scale, k)
+    else:
+        mask = _and(site["mask"], mask)
+    if has_mask(fn):
+        return None
+    return fn, scale, mask, k

@@ -30,7 +30,7 @@ from pyro.util import ignore_jit_warnings
 
 from .batched_kl import stack_distributions
 from .kl import KLDivergenceError, compute_kl
-from .sites import has_mask, same_factor, site_factors
+from .sites import has_mask, observed_site_factors, same_factor, site_factors
 
 
 class Term(NamedTuple):
@@ -68,7 +68,12 @@ def site_log_prob(site: Dict[str, Any], log_prob: Optional[torch.Tensor] = None)
     :param log_prob: the site's ``log_prob(value)``, if already computed
     """
     if log_prob is None:
-        log_prob = site["fn"].log_prob(site["value"])
+        try:
+            log_prob = site["fn"].log_prob(site["value"])
+        except ValueError as e:  # as Pyro's Trace.compute_log_prob, which Trace_ELBO runs
+            raise ValueError(
+                f"Error while computing log_prob at site '{site['name']}':\n{e}"
+            ) from e
     return scale_and_mask(log_prob, site["scale"], site["mask"])
 
 
@@ -226,6 +231,51 @@ def batched_analytic_term(
     return sum_rightmost(term, factors[0].event_dims)
 
 
+def batched_observed_term(
+    names: Tuple[str, ...], model_nodes: Dict[str, Any]
+) -> Optional[torch.Tensor]:
+    """
+    ``scale * mask * log_prob(value)`` of the observed sites ``names`` (a
+    group of :func:`~pyro_markov_kl.plan.observed_groups`) from one
+    ``log_prob`` call on stacked parameters and values, not summed; ``None``
+    where they cannot be stacked this step (a mask left inside a distribution,
+    factors of mixed kinds or beyond the batch shape) or where the stacked
+    call raises (an invalid value under validation): the caller then computes
+    them one by one, and a site's own error is raised by name.
+    """
+    dists, scales, masks, values = [], [], [], []
+    k = None
+    for name in names:
+        site = model_nodes[name]
+        factors = observed_site_factors(site)
+        if factors is None or (k is not None and factors[3] != k):
+            return None
+        fn, scale, mask, k = factors
+        with ignore_jit_warnings():  # shapes are constants of a compiled graph
+            fits = _within(scale, fn.batch_shape) and _within(mask, fn.batch_shape)
+        if not fits:
+            return None
+        dists.append(fn)
+        scales.append(scale)
+        masks.append(mask)
+        values.append(site["value"])
+    stacked = stack_distributions(dists)
+    if stacked is None:
+        return None
+    try:
+        value = torch.stack(values)
+        if any(d._validate_args for d in dists):
+            # the stacked distribution is built without validation: check the values here,
+            # and on an invalid one let the per-site terms raise the site's error
+            stacked._validate_sample(value)
+        log_prob = stacked.log_prob(value)
+        scale = _stack_factor(scales, log_prob.shape, is_mask=False)
+        mask = _stack_factor(masks, log_prob.shape, is_mask=True)
+    except (_Unbatchable, ValueError, RuntimeError):
+        return None
+    return sum_rightmost(scale_and_mask(log_prob, scale, mask), k)
+
+
 def elbo_terms(plan: Any, model_trace: Any, guide_trace: Any) -> List[Term]:
     """
     Build the ELBO term of every site of ``plan``: ``log p`` for observed
@@ -243,12 +293,20 @@ def elbo_terms(plan: Any, model_trace: Any, guide_trace: Any) -> List[Term]:
         surrogate = value if surrogate is None else surrogate
         terms.append(Term(name, kind, value, frames, surrogate, log_q))
 
-    for name in plan.observed:
-        site = model_nodes[name]
-        add(name, "observed", site_log_prob(site), site["cond_indep_stack"])
+    # per-site terms are needed only for score-function costs
+    stack = not plan.score_function_sites()
     done: set = set()
-    if plan.kl_groups and not plan.score_function_sites():
-        # per-site terms are needed only for score-function costs
+    if stack:
+        for group in plan.observed_groups:
+            value = batched_observed_term(group, model_nodes)
+            if value is not None:
+                terms.append(Term(group[0], "observed", value, (), value))
+                done.update(group)
+    for name in plan.observed:
+        if name not in done:
+            site = model_nodes[name]
+            add(name, "observed", site_log_prob(site), site["cond_indep_stack"])
+    if plan.kl_groups and stack:
         for group in plan.kl_groups:
             value = batched_analytic_term(
                 group, model_nodes, guide_nodes, plan.sites[group[0]].kl_rule
@@ -295,6 +353,7 @@ __all__ = [
     "Term",
     "analytic_term",
     "batched_analytic_term",
+    "batched_observed_term",
     "elbo_terms",
     "mc_term",
     "site_log_prob",
