@@ -278,7 +278,7 @@ analysis (patch 4).""",
         docs=("pyro.infer.trace_markov_kl_elbo", SUBPACKAGE),
         tests={
             "test_elbo": "tests/infer/test_trace_markov_kl_elbo.py",
-            **_tests("test_overrides_and_errors", "test_score_function"),
+            **_tests("test_overrides_and_errors", "test_score_function", "test_batched_observed"),
         },
         pyro_test_edits={
             "tests/infer/test_gradient.py": JIT_ELBO_EDITS,
