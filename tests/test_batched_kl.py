@@ -81,7 +81,7 @@ def markov_guide(data, mask, anneal=None):
     "anneal", [None, 0.3, torch.tensor(0.3)], ids=["no-annealing", "float", "tensor"]
 )
 def test_batched_loss_equals_unbatched_loss(anneal, monkeypatch):
-    import pyro_markov_kl.terms as terms
+    from pyro_markov_kl import terms
 
     pyro.clear_param_store()
     data = torch.randn(B, T, Z)

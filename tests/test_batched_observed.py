@@ -12,8 +12,7 @@ import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO
 
-import pyro_markov_kl.terms as terms
-from pyro_markov_kl import JitTraceMarkovKL_ELBO, TraceMarkovKL_ELBO
+from pyro_markov_kl import JitTraceMarkovKL_ELBO, TraceMarkovKL_ELBO, terms
 
 T, B, D = 5, 4, 3
 
