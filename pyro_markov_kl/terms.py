@@ -251,14 +251,21 @@ def batched_observed_term(
         if factors is None or (k is not None and factors[3] != k):
             return None
         fn, scale, mask, k = factors
+        value = site["value"]
         with ignore_jit_warnings():  # shapes are constants of a compiled graph
-            fits = _within(scale, fn.batch_shape) and _within(mask, fn.batch_shape)
+            # a value that broadcasts against the distribution (batch shape () against a
+            # value of shape (N,), without validation) would be misaligned once stacked
+            fits = (
+                value.shape == fn.batch_shape + fn.event_shape
+                and _within(scale, fn.batch_shape)
+                and _within(mask, fn.batch_shape)
+            )
         if not fits:
             return None
         dists.append(fn)
         scales.append(scale)
         masks.append(mask)
-        values.append(site["value"])
+        values.append(value)
     stacked = stack_distributions(dists)
     if stacked is None:
         return None

@@ -137,3 +137,25 @@ def test_invalid_observation_raises_as_trace_elbo_does():
         errors.append(info.value)
     assert type(errors[0]) is type(errors[1])
     assert "x_3" in str(errors[0]) and "x_3" in str(errors[1])
+
+
+def test_value_broadcast_against_its_distribution_is_not_stacked():
+    # without validation a distribution of batch shape () may score a value of shape (N,) by
+    # broadcasting; stacked, such values would be scored against the wrong steps' parameters
+    n = 3
+    data = torch.randn(n, n, generator=torch.Generator().manual_seed(0))
+
+    def model():
+        z = pyro.sample("z", dist.Normal(torch.zeros(n), 1.0).to_event(1))
+        for t in range(n):
+            pyro.sample(f"x_{t}", dist.Normal(z[t], 1.0), obs=data[t])
+
+    def point_guide():  # every term is then a log-density: the losses are equal exactly
+        pyro.sample("z", dist.Delta(torch.arange(n).float()).to_event(1))
+
+    with pyro.validation_enabled(False):
+        elbo = TraceMarkovKL_ELBO()
+        assert elbo.explain(model, point_guide).observed_groups == ()
+        ours = elbo.loss(model, point_guide)
+        theirs = Trace_ELBO().loss(model, point_guide)
+    assert ours == pytest.approx(theirs, rel=1e-6)
