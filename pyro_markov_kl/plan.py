@@ -253,9 +253,6 @@ def observed_groups(model_sites: Mapping[str, Mapping], observed: Sequence[str])
         factors = observed_site_factors(site)
         if factors is None or not is_stackable(factors[0]):
             continue
-        fn = factors[0]
-        if value.shape != fn.batch_shape + fn.event_shape:
-            continue  # a value that broadcasts against its distribution: per site
         key = (fn_signature(site["fn"]), tuple(value.shape), value.dtype)
         groups.setdefault(key, []).append(name)
     return tuple(tuple(g) for g in groups.values() if len(g) > 1)

@@ -325,7 +325,11 @@ def observed_site_factors(site: Dict[str, Any]) -> Optional[Tuple[Any, Any, Any,
     mask that varies inside an ``Independent``'s event, or that is not seen to
     be constant there: its strides only, as under the JIT), so that
     ``sum_rightmost(scale * mask * fn.log_prob(value), k)`` is the site's term;
-    ``None`` where a mask cannot be taken off.
+    ``None`` where a mask cannot be taken off, or where the value does not
+    broadcast to ``fn.batch_shape + fn.event_shape`` without enlarging it (a
+    distribution of batch shape ``()`` scoring a value of shape ``(N,)``, which
+    validation rejects): the value is then not one of ``fn``'s shape, and could
+    not be stacked with other sites' values.
     """
     fn, mask = unwrap_mask(site["fn"], by_value=False)
     scale, k = site["scale"], _masked_event_dims(fn)
@@ -339,4 +343,9 @@ def observed_site_factors(site: Dict[str, Any]) -> Optional[Tuple[Any, Any, Any,
         mask = _and(site["mask"], mask)
     if has_mask(fn):
         return None
-    return fn, scale, mask, k
+    with ignore_jit_warnings():  # shapes are constants of a compiled graph
+        shape, full = site["value"].shape, fn.batch_shape + fn.event_shape
+        fits = len(shape) <= len(full) and all(
+            v == 1 or v == f for v, f in zip(reversed(shape), reversed(full))
+        )
+    return (fn, scale, mask, k) if fits else None

@@ -251,15 +251,11 @@ def batched_observed_term(
         if factors is None or (k is not None and factors[3] != k):
             return None
         fn, scale, mask, k = factors
-        value = site["value"]
         with ignore_jit_warnings():  # shapes are constants of a compiled graph
-            # a value that broadcasts against the distribution (batch shape () against a
-            # value of shape (N,), without validation) would be misaligned once stacked
-            fits = (
-                value.shape == fn.batch_shape + fn.event_shape
-                and _within(scale, fn.batch_shape)
-                and _within(mask, fn.batch_shape)
-            )
+            fits = _within(scale, fn.batch_shape) and _within(mask, fn.batch_shape)
+            # a value smaller than the distribution (data not expanded over a particle
+            # plate) is scored as its expansion: stacked, it must have the full shape
+            value = site["value"].expand(fn.batch_shape + fn.event_shape)
         if not fits:
             return None
         dists.append(fn)

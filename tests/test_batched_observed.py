@@ -159,3 +159,21 @@ def test_value_broadcast_against_its_distribution_is_not_stacked():
         ours = elbo.loss(model, point_guide)
         theirs = Trace_ELBO().loss(model, point_guide)
     assert ours == pytest.approx(theirs, rel=1e-6)
+
+
+def test_data_not_expanded_over_vectorized_particles_is_stacked(monkeypatch):
+    # with vectorize_particles the distributions gain a particle dimension that the observed
+    # data lack: each value is scored as its expansion, stacked as well
+    args = _inputs()
+    results = []
+    real = terms.batched_observed_term
+    monkeypatch.setattr(
+        terms, "batched_observed_term", lambda *a: results.append(real(*a)) or results[-1]
+    )
+    kw = dict(num_particles=7, vectorize_particles=True, max_plate_nesting=1)
+    batched, batched_grads = _loss_and_grads(TraceMarkovKL_ELBO(**kw), args)
+    assert results and all(r is not None and r.shape[:2] == (T, 7) for r in results)
+    unbatched, unbatched_grads = _loss_and_grads(TraceMarkovKL_ELBO(**kw), args, unbatched=True)
+    assert torch.allclose(batched, unbatched, rtol=1e-6, atol=1e-5)
+    for g1, g2 in zip(batched_grads, unbatched_grads):
+        assert torch.allclose(g1, g2, rtol=1e-5, atol=1e-6)
