@@ -297,9 +297,9 @@ def elbo_terms(plan: Any, model_trace: Any, guide_trace: Any) -> List[Term]:
         terms.append(Term(name, kind, value, frames, surrogate, log_q))
 
     # per-site terms are needed only for score-function costs
-    stack = not plan.score_function_sites()
+    may_stack = not plan.score_function_sites()
     done: set = set()
-    if stack:
+    if may_stack:
         for group in plan.observed_groups:
             value = batched_observed_term(group, model_nodes)
             if value is not None:
@@ -309,7 +309,7 @@ def elbo_terms(plan: Any, model_trace: Any, guide_trace: Any) -> List[Term]:
         if name not in done:
             site = model_nodes[name]
             add(name, "observed", site_log_prob(site), site["cond_indep_stack"])
-    if plan.kl_groups and stack:
+    if plan.kl_groups and may_stack:
         for group in plan.kl_groups:
             value = batched_analytic_term(
                 group, model_nodes, guide_nodes, plan.sites[group[0]].kl_rule
