@@ -35,6 +35,16 @@ def _stack_independent(dists: Sequence[Any]) -> Optional[Distribution]:
     return type(dists[0])(base, dists[0].reinterpreted_batch_ndims, validate_args=False)
 
 
+def _stack_by_parameter(dists: Sequence[Any]) -> Optional[Distribution]:
+    # by the parameter each was built with: rebuilt from logits, a distribution built from
+    # probs would lose the gradient of a zero probability (probs_to_logits clamps it)
+    for name in ("probs", "logits"):
+        if all(d.__dict__.get(name) is d._param for d in dists):
+            stacked = _stack([d._param for d in dists])
+            return type(dists[0])(**{name: stacked}, validate_args=False)
+    return None
+
+
 _STACKERS: Dict[type, Callable[[Sequence[Any]], Optional[Distribution]]] = {
     Normal: lambda ds: type(ds[0])(
         _stack([d.loc for d in ds]), _stack([d.scale for d in ds]), validate_args=False
@@ -50,8 +60,8 @@ _STACKERS: Dict[type, Callable[[Sequence[Any]], Optional[Distribution]]] = {
         _stack([d.cov_diag for d in ds]),
         validate_args=False,
     ),
-    Bernoulli: lambda ds: type(ds[0])(logits=_stack([d.logits for d in ds]), validate_args=False),
-    Categorical: lambda ds: type(ds[0])(logits=_stack([d.logits for d in ds]), validate_args=False),
+    Bernoulli: lambda ds: _stack_by_parameter(ds),
+    Categorical: lambda ds: _stack_by_parameter(ds),
     Independent: _stack_independent,
 }
 
@@ -59,9 +69,10 @@ _STACKERS: Dict[type, Callable[[Sequence[Any]], Optional[Distribution]]] = {
 def _stacker(cls: type) -> Optional[Callable[[Sequence[Any]], Optional[Distribution]]]:
     for base in cls.__mro__:
         if base in _STACKERS:
-            # only exact torch/Pyro wrappers of a stackable family: a user subclass
-            # may hold more state than the parameters we stack
-            if cls is base or cls.__module__.startswith("pyro.distributions"):
+            # only exact torch classes and Pyro's wrappers of them (pyro.distributions.torch):
+            # a subclass (a user's, Pyro's OrderedLogistic or OMTMultivariateNormal) may take
+            # other constructor arguments or hold more state than the parameters we stack
+            if cls is base or cls.__module__ == "pyro.distributions.torch":
                 return _STACKERS[base]
             return None
     return None
@@ -80,7 +91,16 @@ def stack_distributions(dists: Sequence[Distribution]) -> Optional[Distribution]
     """
     One distribution of batch shape ``(len(dists),) + batch_shape`` holding
     the parameters of ``dists``, which must share type and shapes; ``None``
-    for unsupported types.
+    for unsupported types and for parameters that do not stack (shapes that
+    differ beyond the batch and event shapes, Bernoullis or Categoricals built
+    some from ``probs`` and some from ``logits``).
     """
     stacker = _stacker(type(dists[0]))
-    return None if stacker is None else stacker(dists)
+    if stacker is None:
+        return None
+    try:
+        return stacker(dists)
+    except (RuntimeError, TypeError, ValueError):
+        # parameters whose shapes differ beyond the batch and event shapes (Categoricals with
+        # different numbers of categories, LowRankMultivariateNormals of different ranks)
+        return None

@@ -343,7 +343,12 @@ def check_site_shapes(trace: Trace, max_plate_nesting: float) -> None:
                 batch = value.shape[: value.dim() - len(fn.event_shape)]
                 shape = broadcast_shape(fn.batch_shape, batch)
             except (AttributeError, ValueError):
-                shape = fn.log_prob(value).shape
+                try:
+                    shape = fn.log_prob(value).shape
+                except ValueError as e:  # as Pyro's Trace.compute_log_prob words it
+                    raise ValueError(
+                        f"Error while computing log_prob at site '{site['name']}':\n{e}"
+                    ) from e
             for kind in ("scale", "mask"):  # scale_and_mask broadcasts
                 factor = site[kind]
                 if torch.is_tensor(factor):

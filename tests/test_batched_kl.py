@@ -8,6 +8,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
+from pyro.infer import Trace_ELBO
 
 from pyro_markov_kl import TraceMarkovKL_ELBO
 from pyro_markov_kl.batched_kl import is_stackable, stack_distributions
@@ -167,3 +168,55 @@ def test_mask_inside_event_that_cannot_be_lowered_uses_mc():
     plan = TraceMarkovKL_ELBO(max_plate_nesting=1).explain(masked_inside_model, guide)
     assert plan.sites["z"].estimator == "mc"
     assert "varies inside the event" in plan.sites["z"].reason
+
+
+def test_stacking_declines_what_does_not_stack():
+    # parameters whose shapes differ beyond the batch and event shapes, mixed parameterisations
+    # and Pyro subclasses with other constructors: None, so the sites are computed one by one
+    cat3, cat4 = dist.Categorical(logits=torch.zeros(3)), dist.Categorical(logits=torch.zeros(4))
+    assert cat3.batch_shape == cat4.batch_shape and cat3.event_shape == cat4.event_shape
+    assert stack_distributions([cat3, cat4]) is None
+    low1 = dist.LowRankMultivariateNormal(torch.zeros(3), torch.ones(3, 1), torch.ones(3))
+    low2 = dist.LowRankMultivariateNormal(torch.zeros(3), torch.ones(3, 2), torch.ones(3))
+    assert stack_distributions([low1, low2]) is None
+    mixed = [dist.Bernoulli(probs=torch.tensor(0.3)), dist.Bernoulli(logits=torch.tensor(0.3))]
+    assert stack_distributions(mixed) is None
+    assert not is_stackable(dist.OrderedLogistic(torch.zeros(2), torch.tensor([-1.0, 1.0])))
+    assert not is_stackable(dist.OMTMultivariateNormal(torch.zeros(2), torch.eye(2)))
+
+
+@pytest.mark.parametrize("validate", [True, False])
+def test_unstackable_groups_fall_back_to_per_site_terms(validate):
+    # repeated observations of one signature whose parameters do not stack: Trace_ELBO's loss
+    y = torch.tensor([1, 2])
+
+    def model():
+        for t, k in enumerate((3, 4)):  # Categoricals over 3 and then 4 categories
+            pyro.sample(f"y_{t}", dist.Categorical(logits=torch.arange(float(k))), obs=y[t])
+        cuts = torch.tensor([-1.0, 1.0])
+        for t in range(2):
+            pyro.sample(f"o_{t}", dist.OrderedLogistic(torch.tensor(0.5 * t), cuts), obs=y[t])
+
+    with pyro.validation_enabled(validate):
+        ours = TraceMarkovKL_ELBO().loss(model, lambda: None)
+        theirs = Trace_ELBO().loss(model, lambda: None)
+    assert ours == pytest.approx(theirs, rel=1e-6)
+
+
+def test_stacked_probabilities_keep_the_gradient_of_a_zero_probability():
+    # Categorical(probs=...) rebuilt from logits would clamp a zero probability and lose its
+    # gradient, d/dP_j log(P_y / sum P) = -1 / sum P
+    y = torch.tensor([0, 2])
+
+    def model():
+        p = pyro.param("P", torch.tensor([[2.0, 0.0, 1.0], [1.0, 1.0, 1.0]]))
+        for t in range(2):
+            pyro.sample(f"y_{t}", dist.Categorical(probs=p[t]), obs=y[t])
+
+    grads = []
+    for cls in (Trace_ELBO, TraceMarkovKL_ELBO):
+        pyro.clear_param_store()
+        loss = cls().differentiable_loss(model, lambda: None)
+        grads.append(torch.autograd.grad(loss, [pyro.param("P").unconstrained()])[0])
+    assert grads[1][0, 1] == pytest.approx(1 / 3)  # -d(log P_0 / sum P)/dP_1 = 1 / sum P
+    assert torch.allclose(grads[0], grads[1], rtol=1e-6, atol=1e-7)

@@ -137,3 +137,23 @@ def test_auxiliary_guide_site():
     assert plan.sites["a"].guide_parents == {"u"}
     # a's KL conditions on the sampled u: unbiased, as u is not a model parent
     assert plan.sites["a"].estimator == "analytic"
+
+
+def test_observation_not_subsampled_names_the_site_as_trace_elbo():
+    # under validation a value that does not fit its subsampled plate fails in the shape check:
+    # the error is Trace_ELBO's, naming the site
+    from pyro.infer import Trace_ELBO
+
+    x = torch.randn(2, 20)
+
+    def model(x):
+        for t in range(2):
+            with pyro.plate(f"d_{t}", 20, subsample_size=5):
+                pyro.sample(f"x_{t}", dist.Normal(0.0, 1.0), obs=x[t])
+
+    messages = []
+    for cls in (Trace_ELBO, TraceMarkovKL_ELBO):
+        with pytest.raises(ValueError) as info:
+            cls().loss(model, lambda x: None, x)
+        messages.append(str(info.value).splitlines()[0])
+    assert messages[0] == messages[1] == "Error while computing log_prob at site 'x_0':"
