@@ -60,8 +60,8 @@ _STACKERS: Dict[type, Callable[[Sequence[Any]], Optional[Distribution]]] = {
         _stack([d.cov_diag for d in ds]),
         validate_args=False,
     ),
-    Bernoulli: lambda ds: _stack_by_parameter(ds),
-    Categorical: lambda ds: _stack_by_parameter(ds),
+    Bernoulli: _stack_by_parameter,
+    Categorical: _stack_by_parameter,
     Independent: _stack_independent,
 }
 

@@ -35,11 +35,25 @@ __all__ = [
     "same_factor",
     "sample_sites",
     "site_factors",
+    "site_log_prob_of_value",
     "unwrap_mask",
 ]
 
 # --- site options and checks --------------------------------------------------------------------
 KL_OPTIONS = ("auto", "mc", "analytic")
+
+
+def site_log_prob_of_value(site: Mapping) -> torch.Tensor:
+    """
+    ``site["fn"].log_prob(site["value"])``, with a ``ValueError`` (an invalid
+    value under validation, a value that does not fit the distribution) worded
+    as Pyro's :meth:`~pyro.poutine.trace_struct.Trace.compute_log_prob` words
+    it for Trace_ELBO: naming the site.
+    """
+    try:
+        return site["fn"].log_prob(site["value"])
+    except ValueError as e:
+        raise ValueError(f"Error while computing log_prob at site '{site['name']}':\n{e}") from e
 
 
 def kl_option(name: str, guide_site: Mapping) -> str:

@@ -30,7 +30,13 @@ from pyro.util import ignore_jit_warnings
 
 from .batched_kl import stack_distributions
 from .kl import KLDivergenceError, compute_kl
-from .sites import has_mask, observed_site_factors, same_factor, site_factors
+from .sites import (
+    has_mask,
+    observed_site_factors,
+    same_factor,
+    site_factors,
+    site_log_prob_of_value,
+)
 
 
 class Term(NamedTuple):
@@ -68,12 +74,7 @@ def site_log_prob(site: Dict[str, Any], log_prob: Optional[torch.Tensor] = None)
     :param log_prob: the site's ``log_prob(value)``, if already computed
     """
     if log_prob is None:
-        try:
-            log_prob = site["fn"].log_prob(site["value"])
-        except ValueError as e:  # as Pyro's Trace.compute_log_prob, which Trace_ELBO runs
-            raise ValueError(
-                f"Error while computing log_prob at site '{site['name']}':\n{e}"
-            ) from e
+        log_prob = site_log_prob_of_value(site)
     return scale_and_mask(log_prob, site["scale"], site["mask"])
 
 
@@ -252,16 +253,14 @@ def batched_observed_term(
             return None
         fn, scale, mask, k = factors
         with ignore_jit_warnings():  # shapes are constants of a compiled graph
-            fits = _within(scale, fn.batch_shape) and _within(mask, fn.batch_shape)
+            if not (_within(scale, fn.batch_shape) and _within(mask, fn.batch_shape)):
+                return None
             # a value smaller than the distribution (data not expanded over a particle
             # plate) is scored as its expansion: stacked, it must have the full shape
-            value = site["value"].expand(fn.batch_shape + fn.event_shape)
-        if not fits:
-            return None
+            values.append(site["value"].expand(fn.batch_shape + fn.event_shape))
         dists.append(fn)
         scales.append(scale)
         masks.append(mask)
-        values.append(value)
     stacked = stack_distributions(dists)
     if stacked is None:
         return None

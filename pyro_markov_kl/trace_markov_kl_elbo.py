@@ -25,7 +25,7 @@ from .guide_messenger import analyse_guide_messenger, guide_messenger_traces, is
 from .plan import Plan, SiteRecord, build_plan
 from .plan_cache import PlanCache
 from .score_function import score_function_terms
-from .sites import check_model_guide_sites
+from .sites import check_model_guide_sites, site_log_prob_of_value
 from .terms import elbo_terms, sum_terms
 
 
@@ -343,12 +343,7 @@ def check_site_shapes(trace: Trace, max_plate_nesting: float) -> None:
                 batch = value.shape[: value.dim() - len(fn.event_shape)]
                 shape = broadcast_shape(fn.batch_shape, batch)
             except (AttributeError, ValueError):
-                try:
-                    shape = fn.log_prob(value).shape
-                except ValueError as e:  # as Pyro's Trace.compute_log_prob words it
-                    raise ValueError(
-                        f"Error while computing log_prob at site '{site['name']}':\n{e}"
-                    ) from e
+                shape = site_log_prob_of_value(site).shape
             for kind in ("scale", "mask"):  # scale_and_mask broadcasts
                 factor = site[kind]
                 if torch.is_tensor(factor):
