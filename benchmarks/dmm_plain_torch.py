@@ -14,7 +14,8 @@ seed equals ``TraceMarkovKL_ELBO``'s (checked and printed): it is the floor for 
 program as written, one step at a time.
 
 Candidates, on one real JSB Chorales training mini-batch (``--batch-size`` sequences chosen by a
-seeded permutation, ragged, masked), one torch thread:
+seeded permutation, ragged, masked), annealing factor 1 (a float, as the example passes it; a
+scalar tensor to the compiled loss, as ``--jit`` passes it), one torch thread:
 
 * ``plain torch``: :func:`plain_loss` and ``backward()``;
 * ``TraceMarkovKL_ELBO``: ``loss_and_grads`` on the packed mini-batch (as the example runs it);
@@ -45,7 +46,7 @@ import pstats
 import sys
 import time
 import warnings
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Tuple, Union
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -218,7 +219,8 @@ def epoch_section(args: argparse.Namespace, dmm: DMM, elbos: dict) -> None:
         )
         for c in chunks
     ]
-    factor = torch.tensor(1.0)
+    # the annealing factor as the example passes it: a float, a tensor to the compiled loss
+    factor, jit_factor = 1.0, torch.tensor(1.0)
     params = list(dmm.parameters())
     jit = build_elbo("markov-kl", jit=True)  # a fresh one: compiles the bucket shapes
     eager, trace = elbos["TraceMarkovKL_ELBO"], elbos["Trace_ELBO"]
@@ -233,7 +235,7 @@ def epoch_section(args: argparse.Namespace, dmm: DMM, elbos: dict) -> None:
             plain_loss(dmm, *packed[k], factor).backward()
         elif name == "JitTraceMarkovKL_ELBO":
             with torch.jit.optimized_execution(False):
-                jit.loss_and_grads(dmm.model, dmm.guide, *padded[k], factor)
+                jit.loss_and_grads(dmm.model, dmm.guide, *padded[k], jit_factor)
         else:
             elbo = eager if name == "TraceMarkovKL_ELBO" else trace
             elbo.loss_and_grads(dmm.model, dmm.guide, *packed[k], factor)
@@ -300,7 +302,8 @@ def main(argv=None) -> int:
 
     dmm = D.make_dmm(args.size, "forward", seed=args.seed)
     packed, padded = _batches(args.batch_size, args.seed)
-    factor = torch.tensor(1.0)
+    # the annealing factor as the example passes it: a float, a tensor to the compiled loss
+    factor, jit_factor = 1.0, torch.tensor(1.0)
     params = list(dmm.parameters())
     elbos = {
         "TraceMarkovKL_ELBO": build_elbo("markov-kl"),
@@ -318,7 +321,9 @@ def main(argv=None) -> int:
         loss.backward()
         return loss.item()
 
-    def elbo_step(name: str, batch: tuple) -> Callable[[], float]:
+    def elbo_step(
+        name: str, batch: tuple, factor: Union[float, torch.Tensor]
+    ) -> Callable[[], float]:
         elbo = elbos[name]
 
         def step() -> float:
@@ -327,7 +332,7 @@ def main(argv=None) -> int:
 
         return step
 
-    jit_inner = elbo_step("JitTraceMarkovKL_ELBO", padded)
+    jit_inner = elbo_step("JitTraceMarkovKL_ELBO", padded, jit_factor)
 
     def jit_step() -> float:
         with torch.jit.optimized_execution(False):  # as the example's --jit
@@ -335,9 +340,9 @@ def main(argv=None) -> int:
 
     steps = {
         "plain torch": plain_step,
-        "TraceMarkovKL_ELBO": elbo_step("TraceMarkovKL_ELBO", packed),
+        "TraceMarkovKL_ELBO": elbo_step("TraceMarkovKL_ELBO", packed, factor),
         "JitTraceMarkovKL_ELBO": jit_step,
-        "Trace_ELBO": elbo_step("Trace_ELBO", packed),
+        "Trace_ELBO": elbo_step("Trace_ELBO", packed, factor),
     }
 
     # the same estimator: the plain program's loss at a seed is TraceMarkovKL_ELBO's

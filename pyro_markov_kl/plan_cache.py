@@ -15,7 +15,7 @@ import enum
 import types
 import warnings
 from collections import OrderedDict
-from typing import Any, Callable, Dict, Hashable, List
+from typing import Any, Callable, Dict, Hashable, List, Optional
 
 import numpy as np
 import torch
@@ -35,44 +35,42 @@ def fn_signature(fn: Any) -> tuple:
     ``Independent``'s reinterpreted dimensions, a ``TransformedDistribution``'s
     transform types, the shape and broadcast dimensions of a ``.mask()``).
     """
+    shape = _traced_shape if torch._C._get_tracing_state() else _shape
     sig: list = []
     while fn is not None:
         entry: tuple = (
             type(fn),
-            _shape(getattr(fn, "batch_shape", None)),
-            _shape(getattr(fn, "event_shape", None)),
+            shape(getattr(fn, "batch_shape", None)),
+            shape(getattr(fn, "event_shape", None)),
         )
         if isinstance(fn, Independent):
             entry += (fn.reinterpreted_batch_ndims,)
         elif isinstance(fn, TransformedDistribution):
             entry += (tuple(type(t) for t in fn.transforms),)
         elif isinstance(fn, MaskedDistribution):
-            entry += (_mask_signature(fn._mask),)
+            mask = fn._mask
+            if torch.is_tensor(mask):  # broadcast dimensions decide whether it can be folded
+                mask = shape(mask.shape), tuple(st == 0 for st in mask.stride())
+            entry += (mask,)
         sig.append(entry)
         fn = getattr(fn, "base_dist", None)
     return tuple(sig)
 
 
-def _mask_signature(mask: Any) -> Any:
-    # which dimensions of a .mask() are broadcast decides whether it can be folded
-    if torch.is_tensor(mask):
-        return _shape(mask.shape), tuple(st == 0 for st in mask.stride())
-    return mask
-
-
 def _shape(shape: Any) -> Any:
-    if shape is None:
-        return None
-    if type(shape) is torch.Size and not torch._C._get_tracing_state():
-        return shape  # a tuple of ints, equal to (and hashing as) the tuple
+    # a torch.Size is a tuple of ints, equal to (and hashing as) the tuple
+    return shape if type(shape) is torch.Size else _traced_shape(shape)
+
+
+def _traced_shape(shape: Any) -> Any:
     # plain ints: under Pyro's JIT, sizes hash by identity although they compare equal
-    return tuple(int(d) for d in shape)
+    return None if shape is None else tuple(int(d) for d in shape)
 
 
-def _factor_signature(x: Any) -> Any:
+def _factor_signature(x: Any, shape: Callable[[Any], Any] = _shape) -> Any:
     # a 0-dim tensor scale is a number to the plan (Pyro's JIT turns numbers into tensors)
     if torch.is_tensor(x) and (x.dim() or x.dtype == torch.bool):
-        return _shape(x.shape), x.dtype
+        return shape(x.shape), x.dtype
     return x if x is None or x is True or x is False else float
 
 
@@ -102,13 +100,14 @@ def structure_key(model_trace: Trace, guide_trace: Trace) -> StructureKey:
     the kinds of scale and mask. A plan is reused only for an equal key.
     """
     key = []
-    frames: Dict[int, tuple] = {}  # plates are usually entered once: convert each frame once
+    shape = _traced_shape if torch._C._get_tracing_state() else _shape
 
     def frame_key(f: Any) -> tuple:
-        k = frames.get(id(f))
-        if k is None:
-            k = frames[id(f)] = f._key()  # sizes as numbers, also when JIT made them tensors
-        return k
+        # a plate makes a new frame at every site; CondIndepStackFrame._key() enters
+        # ignore_jit_warnings every time, needed only for the tensor sizes of Pyro's JIT
+        if torch.is_tensor(f.size):
+            return f._key()
+        return f.name, f.dim, f.size, f.counter
 
     for trace in (guide_trace, model_trace):
         for name, site in trace.nodes.items():
@@ -121,14 +120,14 @@ def structure_key(model_trace: Trace, guide_trace: Trace) -> StructureKey:
                     name,
                     site["is_observed"],
                     fn_signature(site["fn"]),
-                    _shape(value.shape) if torch.is_tensor(value) else type(value),
+                    shape(value.shape) if torch.is_tensor(value) else type(value),
                     tuple(frame_key(f) for f in site["cond_indep_stack"]),
                     infer.get("kl"),
                     infer.get("is_auxiliary"),
                     infer.get("enumerate"),
                     bool(infer.get("baseline")),
-                    _factor_signature(site["scale"]),
-                    _factor_signature(site["mask"]),
+                    _factor_signature(site["scale"], shape),
+                    _factor_signature(site["mask"], shape),
                 )
             )
         key.append(None)
@@ -295,6 +294,8 @@ class PlanCache(OrderedDict):
         self._uses: Dict[StructureKey, int] = {}
         #: owners whose dependencies changed under an equal key: analysed every step
         self._volatile: set = set()
+        #: kept keys whose traces passed the shape validation
+        self._shapes_checked: set = set()
 
     def get_or_build(
         self,
@@ -304,13 +305,19 @@ class PlanCache(OrderedDict):
         model_trace: Trace,
         guide_trace: Trace,
         build: Callable[[], Any],
+        check_shapes: Optional[Callable[[], None]] = None,
     ) -> Any:
         """
         The plan for this step, built by ``build()`` (and kept) if there is none.
 
-        :param owner: the model/guide pair and every ELBO setting the plan reads
+        :param owner: the model/guide pair and every ELBO setting the plan or
+            ``check_shapes`` reads
         :param args: the positional arguments of the step
         :param kwargs: the keyword arguments of the step
+        :param check_shapes: the validation of the traces' shapes, which raises
+            on bad shapes. It reads only what the key holds (shapes, plate
+            stacks, kinds of scale and mask), so it runs once per kept key, not
+            every step.
         """
         # under Pyro's JIT sizes are traced tensors; reading them is intended (a compiled
         # graph has one structure) and must not warn: a TracerWarning raised as an error
@@ -324,7 +331,12 @@ class PlanCache(OrderedDict):
                     structure_key(model_trace, guide_trace),
                 )
             )
-            return self._lookup(key, owner, build)
+            if check_shapes is not None and key not in self._shapes_checked:
+                check_shapes()
+            plan = self._lookup(key, owner, build)
+            if check_shapes is not None and key in self:
+                self._shapes_checked.add(key)
+            return plan
 
     def _lookup(self, key: StructureKey, owner: Hashable, build: Callable[[], Any]) -> Any:
         if owner in self._volatile:
@@ -336,7 +348,9 @@ class PlanCache(OrderedDict):
                 self[key] = plan
                 self._uses[key] = 1
                 while len(self) > self.maxsize:
-                    self._uses.pop(self.popitem(last=False)[0], None)
+                    evicted = self.popitem(last=False)[0]
+                    self._uses.pop(evicted, None)
+                    self._shapes_checked.discard(evicted)
             return plan
         self.move_to_end(key)
         if torch._C._get_tracing_state():
@@ -386,6 +400,7 @@ class PlanCache(OrderedDict):
         super().clear()
         self._uses.clear()
         self._volatile.clear()
+        self._shapes_checked.clear()
 
     def __reduce__(self) -> tuple:
         return (type(self), (self.maxsize,))

@@ -8,7 +8,7 @@ import time
 import warnings
 import weakref
 from types import SimpleNamespace
-from typing import Any, Callable, Mapping, Optional, Tuple
+from typing import Any, Callable, Iterable, Mapping, Optional, Tuple
 
 import pyro.ops.jit
 import torch
@@ -153,25 +153,32 @@ class TraceMarkovKL_ELBO(Trace_ELBO):
         model_trace, guide_trace = self._get_unpruned_trace(
             traced_model, traced_guide, args, kwargs
         )
-        # everything besides the program and its traces that a plan reads
+        # everything besides the program and its traces that a plan or the shape check reads
         owner = (
             model,
             guide,
             vectorized,
             self.leave_one_out_baseline,
             tuple(self.kl_rules.items()),
+            self.max_plate_nesting,
         )
         build = functools.partial(
             self._build_plan, model, guide, args, kwargs, model_trace, guide_trace, vectorized
         )
-        plan = self.plan_cache.get_or_build(owner, args, kwargs, model_trace, guide_trace, build)
-        model_trace = prune_subsample_sites(model_trace)
-        guide_trace = prune_subsample_sites(guide_trace)
+        pruned_model_trace = prune_subsample_sites(model_trace)
+        pruned_guide_trace = prune_subsample_sites(guide_trace)
+        check_shapes = None
         if is_validation_enabled():
-            for trace in (model_trace, guide_trace):
-                check_site_shapes(trace, self.max_plate_nesting)
-        guide_trace.plan = plan
-        return model_trace, guide_trace
+            check_shapes = functools.partial(
+                check_site_shapes,
+                (pruned_model_trace, pruned_guide_trace),
+                self.max_plate_nesting,
+            )
+        plan = self.plan_cache.get_or_build(
+            owner, args, kwargs, model_trace, guide_trace, build, check_shapes
+        )
+        pruned_guide_trace.plan = plan
+        return pruned_model_trace, pruned_guide_trace
 
     # --- plans --------------------------------------------------------------------
     def _build_plan(
@@ -320,20 +327,22 @@ def warn_guide_order(plan: Plan) -> None:
         )
 
 
-def check_site_shapes(trace: Trace, max_plate_nesting: float) -> None:
+def check_site_shapes(traces: Iterable[Trace], max_plate_nesting: float) -> None:
     """
-    Pyro's :func:`~pyro.util.check_site_shape` at every sample site, as
-    :func:`pyro.infer.enum.get_importance_trace` runs it for Trace_ELBO under
-    validation, from the shape of each site's ``log_prob`` (broadcast from the
-    batch shape, the value's shape and the shapes of a tensor ``scale`` and
-    ``mask``, which :func:`~pyro.distributions.util.scale_and_mask` broadcasts;
-    computed only where that fails, to raise the distribution's own error),
-    without computing it.
+    Pyro's :func:`~pyro.util.check_site_shape` at every sample site of the
+    traces, as :func:`pyro.infer.enum.get_importance_trace` runs it for
+    Trace_ELBO under validation, from the shape of each site's ``log_prob``
+    (broadcast from the batch shape, the value's shape and the shapes of a
+    tensor ``scale`` and ``mask``, which
+    :func:`~pyro.distributions.util.scale_and_mask` broadcasts; computed only
+    where that fails, to raise the distribution's own error), without
+    computing it.
 
     :raises ValueError: Pyro's errors (``invalid log_prob shape``, ``plate stack
         overflow``, ``dim collision``)
     """
-    for site in trace.nodes.values():
+    sites = (site for trace in traces for site in trace.nodes.values())
+    for site in sites:
         if site["type"] != "sample":
             continue
         log_prob = site.get("log_prob")

@@ -23,7 +23,7 @@ from pyro.infer import Trace_ELBO, TraceGraph_ELBO
 from pyro.infer.autoguide import AutoNormal
 from torch.distributions import constraints
 
-from pyro_markov_kl import GuideOrderWarning, TraceMarkovKL_ELBO
+from pyro_markov_kl import GuideOrderWarning, TraceMarkovKL_ELBO, trace_markov_kl_elbo
 
 
 @pytest.fixture(autouse=True)
@@ -341,6 +341,58 @@ def test_shape_errors_as_in_trace_elbo(case):
             Elbo().loss(model, guide)
         errors.append(info.type)
     assert errors[0] is errors[1] is ValueError
+
+
+def test_shape_errors_every_step_and_for_each_max_plate_nesting():
+    # the shape check runs once per cached plan key: a failing program raises at every step,
+    # and a plan checked at one max_plate_nesting is checked again at another
+    model, guide, phrase = _nested_plate_1()
+    elbo = TraceMarkovKL_ELBO()
+    for _ in range(2):
+        with pytest.raises(ValueError, match=phrase):
+            elbo.loss(model, guide)
+
+    def model_ok():
+        with pyro.plate("outer", 3, dim=-2), pyro.plate("inner", 2, dim=-1):
+            pyro.sample("x", dist.Normal(0.0, 1.0))
+
+    def guide_ok():
+        loc = pyro.param("loc", torch.zeros(3, 2))
+        with pyro.plate("outer", 3, dim=-2), pyro.plate("inner", 2, dim=-1):
+            pyro.sample("x", dist.Normal(loc, 1.0))
+
+    elbo = TraceMarkovKL_ELBO(max_plate_nesting=2)
+    elbo.loss(model_ok, guide_ok)
+    elbo.loss(model_ok, guide_ok)
+    elbo.max_plate_nesting = 1
+    with pytest.raises(ValueError, match="plate stack overflow"):
+        elbo.loss(model_ok, guide_ok)
+
+
+def test_shape_check_runs_once_per_structure(monkeypatch):
+    calls = []
+    check = trace_markov_kl_elbo.check_site_shapes
+    monkeypatch.setattr(
+        trace_markov_kl_elbo, "check_site_shapes", lambda *a: calls.append(1) or check(*a)
+    )
+
+    def model(n):
+        with pyro.plate("n", n):
+            pyro.sample("x", dist.Normal(0.0, 1.0))
+
+    def guide(n):
+        with pyro.plate("n", n):
+            pyro.sample("x", dist.Normal(pyro.param("loc", torch.zeros(n)), 1.0))
+
+    elbo = TraceMarkovKL_ELBO()
+    for n in (3, 3, 3, 4, 4, 3):
+        pyro.clear_param_store()
+        elbo.loss(model, guide, n)
+    assert len(calls) == 2  # one per structure (n = 3, n = 4)
+    with pyro.validation_enabled(False):
+        elbo.plan_cache.clear()
+        elbo.loss(model, guide, 3)
+    assert len(calls) == 2
 
 
 def test_our_event_shape_message_adds_the_fix():
