@@ -14,19 +14,22 @@ need.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, NamedTuple, Optional, Tuple
+from types import SimpleNamespace
+from typing import Any, Dict, Iterable, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 from pyro.distributions.torch_distribution import MaskedDistribution
+from pyro.distributions.util import broadcast_shape
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
-from pyro.util import ignore_jit_warnings
-from torch.distributions import Distribution, Independent
+from pyro.util import check_site_shape, ignore_jit_warnings
+from torch.distributions import Distribution, Independent, TransformedDistribution
 
 __all__ = [
     "KL_OPTIONS",
     "SiteFactors",
     "check_model_guide_sites",
+    "check_site_shapes",
     "has_mask",
     "is_model_latent",
     "is_reparameterized",
@@ -155,6 +158,87 @@ def _check_strict(name: str, site: Mapping, model_sites: Mapping[str, Mapping]) 
             f"site '{name}' is observed in the model but sampled in the guide; "
             "remove it from the guide"
         )
+
+
+def check_site_shapes(traces: Iterable[Trace], max_plate_nesting: float) -> None:
+    """
+    Pyro's :func:`~pyro.util.check_site_shape` at every sample site of the
+    traces, as :func:`pyro.infer.enum.get_importance_trace` runs it for
+    Trace_ELBO under validation: first the shape of every site's scaled and
+    masked ``log_prob`` (which raises where a scale or mask does not broadcast),
+    then the check of each. The shapes are read off the distributions (the
+    batch shape broadcast with the value's; a tensor ``scale`` and ``mask``
+    broadcast as :func:`~pyro.distributions.util.scale_and_mask` broadcasts
+    them), without computing the log-densities, except for a distribution
+    whose log-density shape cannot be trusted to follow from its shapes (a
+    class, or a transform, from outside torch and Pyro), or where reading them
+    fails (to raise the distribution's own error).
+
+    :raises ValueError: Pyro's errors (``invalid log_prob shape``, ``plate stack
+        overflow``, ``dim collision``)
+    :raises RuntimeError: a scale or mask that does not broadcast
+    """
+    shapes = [
+        (site, _log_prob_shape(site))
+        for trace in traces
+        for site in trace.nodes.values()
+        if site["type"] == "sample"
+    ]
+    for site, shape in shapes:
+        # check_site_shape reads only the shape of the log-density
+        check_site_shape(dict(site, log_prob=SimpleNamespace(shape=shape)), max_plate_nesting)
+
+
+def _log_prob_shape(site: Mapping) -> torch.Size:
+    """The shape of ``scale_and_mask(fn.log_prob(value), scale, mask)`` at a site."""
+    log_prob = site.get("log_prob")
+    if log_prob is not None:
+        return log_prob.shape
+    fn, value = site["fn"], site["value"]
+    shape = None
+    if _shapes_follow_from_types(fn):
+        try:
+            batch = value.shape[: value.dim() - len(fn.event_shape)]
+            shape = torch.Size(broadcast_shape(fn.batch_shape, batch))
+        except (AttributeError, ValueError):
+            pass
+    if shape is None:
+        shape = site_log_prob_of_value(site).shape
+    mask = site["mask"]
+    if mask is False:  # scale_and_mask returns zeros_like(log_prob)
+        return shape
+    for kind in ("scale", "mask"):
+        factor = site[kind]
+        if torch.is_tensor(factor):
+            try:
+                shape = torch.Size(broadcast_shape(shape, factor.shape))
+            except ValueError as e:  # the error type of Trace_ELBO's scale_and_mask
+                raise RuntimeError(
+                    f"at site {site['name']!r}: the {kind} of shape {tuple(factor.shape)} does "
+                    f"not broadcast with the log_prob shape {tuple(shape)}"
+                ) from e
+    return shape
+
+
+_TRUSTED_MODULES = ("torch.distributions", "pyro.distributions")
+
+
+def _shapes_follow_from_types(fn: Any) -> bool:
+    """
+    Whether every distribution along ``fn``'s wrappers, and every transform of
+    a ``TransformedDistribution`` among them, comes from torch or Pyro, whose
+    ``log_prob`` has the shape of the batch shape broadcast with the value's.
+    A user's class may get it wrong, which Pyro's shape check is there to catch.
+    """
+    while fn is not None:
+        if not type(fn).__module__.startswith(_TRUSTED_MODULES):
+            return False
+        if isinstance(fn, TransformedDistribution) and not all(
+            type(t).__module__.startswith(_TRUSTED_MODULES) for t in fn.transforms
+        ):
+            return False
+        fn = getattr(fn, "base_dist", None)
+    return True
 
 
 def is_model_latent(name: str, guide_site: Mapping, model_sites: Mapping[str, Mapping]) -> bool:

@@ -7,25 +7,23 @@ import functools
 import time
 import warnings
 import weakref
-from types import SimpleNamespace
-from typing import Any, Callable, Iterable, Mapping, Optional, Tuple
+from typing import Any, Callable, Mapping, Optional, Tuple
 
 import pyro.ops.jit
 import torch
 from pyro import poutine
-from pyro.distributions.util import broadcast_shape
 from pyro.infer.trace_elbo import JitTrace_ELBO, Trace_ELBO
 from pyro.infer.util import is_validation_enabled, torch_item
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
-from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape, warn_if_nan
+from pyro.util import check_if_enumerated, check_model_guide_match, warn_if_nan
 
 from .dependencies import analyse_dependencies, outside_jit_trace
 from .guide_messenger import analyse_guide_messenger, guide_messenger_traces, is_guide_messenger
 from .plan import Plan, SiteRecord, build_plan
 from .plan_cache import PlanCache
 from .score_function import score_function_terms
-from .sites import check_model_guide_sites, site_log_prob_of_value
+from .sites import check_model_guide_sites, check_site_shapes
 from .terms import elbo_terms, sum_terms
 
 
@@ -325,48 +323,6 @@ def warn_guide_order(plan: Plan) -> None:
             GuideOrderWarning,
             stacklevel=2,
         )
-
-
-def check_site_shapes(traces: Iterable[Trace], max_plate_nesting: float) -> None:
-    """
-    Pyro's :func:`~pyro.util.check_site_shape` at every sample site of the
-    traces, as :func:`pyro.infer.enum.get_importance_trace` runs it for
-    Trace_ELBO under validation, from the shape of each site's ``log_prob``
-    (broadcast from the batch shape, the value's shape and the shapes of a
-    tensor ``scale`` and ``mask``, which
-    :func:`~pyro.distributions.util.scale_and_mask` broadcasts; computed only
-    where that fails, to raise the distribution's own error), without
-    computing it.
-
-    :raises ValueError: Pyro's errors (``invalid log_prob shape``, ``plate stack
-        overflow``, ``dim collision``)
-    """
-    sites = (site for trace in traces for site in trace.nodes.values())
-    for site in sites:
-        if site["type"] != "sample":
-            continue
-        log_prob = site.get("log_prob")
-        if log_prob is None:
-            fn, value = site["fn"], site["value"]
-            try:
-                batch = value.shape[: value.dim() - len(fn.event_shape)]
-                shape = broadcast_shape(fn.batch_shape, batch)
-            except (AttributeError, ValueError):
-                shape = site_log_prob_of_value(site).shape
-            for kind in ("scale", "mask"):  # scale_and_mask broadcasts
-                factor = site[kind]
-                if torch.is_tensor(factor):
-                    try:
-                        shape = broadcast_shape(shape, factor.shape)
-                    except ValueError as e:  # the error type of Trace_ELBO's scale_and_mask
-                        raise RuntimeError(
-                            f"at site {site['name']!r}: the {kind} of shape "
-                            f"{tuple(factor.shape)} does not broadcast with the log_prob shape "
-                            f"{tuple(shape)}"
-                        ) from e
-            # check_site_shape reads only the shape of the log-density
-            site = dict(site, log_prob=SimpleNamespace(shape=torch.Size(shape)))
-        check_site_shape(site, max_plate_nesting)
 
 
 def _arg_shapes(args: Any) -> tuple:

@@ -328,19 +328,82 @@ def _mask_beyond_plates():
     return model, guide, 'at site "k", invalid log_prob shape'
 
 
+def _unsummed_user_log_prob():
+    """A user's distribution declares an event dimension but does not sum its log_prob over it."""
+
+    class Unsummed(dist.TorchDistribution):
+        arg_constraints = {}
+        support = constraints.real_vector
+
+        def __init__(self, loc, n):
+            self.loc = loc
+            super().__init__(torch.Size(), torch.Size([n]), validate_args=False)
+
+        def log_prob(self, value):
+            return dist.Normal(self.loc, 1.0).log_prob(value)  # shape (n,), not ()
+
+    def model():
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("x", Unsummed(z, 4), obs=torch.zeros(4))
+
+    def guide():
+        pyro.sample("z", dist.Normal(pyro.param("loc", torch.tensor(0.0)), 1.0))
+
+    return model, guide, 'at site "x", invalid log_prob shape'
+
+
+def _shape_then_mask_error():
+    """A bad shape at one site, a mask that does not broadcast at a later one."""
+
+    def model():
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=torch.zeros(2))  # (2,) outside any plate
+        with pyro.plate("p", 5), poutine.mask(mask=torch.ones(3, dtype=torch.bool)):
+            pyro.sample("y", dist.Normal(z, 1.0), obs=torch.zeros(5))
+
+    def guide():
+        pyro.sample("z", dist.Normal(pyro.param("loc", torch.tensor(0.0)), 1.0))
+
+    # Trace_ELBO computes every log_prob (scaled and masked) before it checks a shape
+    return model, guide, "must match|does not broadcast", RuntimeError
+
+
 @pytest.mark.parametrize(
     "case",
-    [_dim_mismatch, _shape_mismatch, _nested_plate_1, _nested_plate_3, _lkj, _mask_beyond_plates],
+    [
+        _dim_mismatch,
+        _shape_mismatch,
+        _nested_plate_1,
+        _nested_plate_3,
+        _lkj,
+        _mask_beyond_plates,
+        _unsummed_user_log_prob,
+        _shape_then_mask_error,
+    ],
 )
 def test_shape_errors_as_in_trace_elbo(case):
-    model, guide, phrase = case()
+    model, guide, phrase, *error = case()
     errors = []
     for Elbo in (Trace_ELBO, TraceMarkovKL_ELBO):
         pyro.clear_param_store()
         with pytest.raises(Exception, match=phrase) as info:
             Elbo().loss(model, guide)
         errors.append(info.type)
-    assert errors[0] is errors[1] is ValueError
+    assert errors[0] is errors[1] is (error[0] if error else ValueError)
+
+
+def test_mask_false_with_a_tensor_scale_runs_as_in_trace_elbo():
+    # scale_and_mask returns zeros_like(log_prob) for mask=False, without broadcasting the scale
+    def model():
+        with poutine.scale(scale=torch.ones(3)), poutine.mask(mask=False):
+            pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    def guide():
+        with poutine.scale(scale=torch.ones(3)), poutine.mask(mask=False):
+            pyro.sample("z", dist.Normal(pyro.param("loc", torch.tensor(0.0)), 1.0))
+
+    for Elbo in (Trace_ELBO, TraceMarkovKL_ELBO):
+        assert Elbo().loss(model, guide) == 0.0
 
 
 def test_shape_errors_every_step_and_for_each_max_plate_nesting():
