@@ -331,10 +331,11 @@ class PlanCache(OrderedDict):
                     structure_key(model_trace, guide_trace),
                 )
             )
-            if check_shapes is not None and key not in self._shapes_checked:
+            unchecked = check_shapes is not None and key not in self._shapes_checked
+            if unchecked:
                 check_shapes()
             plan = self._lookup(key, owner, build)
-            if check_shapes is not None and key in self:
+            if unchecked and key in self:
                 self._shapes_checked.add(key)
             return plan
 

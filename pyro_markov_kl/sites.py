@@ -37,6 +37,7 @@ __all__ = [
     "observed_site_factors",
     "same_factor",
     "sample_sites",
+    "shape_within",
     "site_factors",
     "site_log_prob_of_value",
     "unwrap_mask",
@@ -442,8 +443,13 @@ def observed_site_factors(site: Dict[str, Any]) -> Optional[Tuple[Any, Any, Any,
     if has_mask(fn):
         return None
     with ignore_jit_warnings():  # shapes are constants of a compiled graph
-        shape, full = site["value"].shape, fn.batch_shape + fn.event_shape
-        fits = len(shape) <= len(full) and all(
-            v == 1 or v == f for v, f in zip(reversed(shape), reversed(full))
-        )
+        fits = shape_within(site["value"].shape, fn.batch_shape + fn.event_shape)
     return (fn, scale, mask, k) if fits else None
+
+
+def shape_within(shape: Tuple[int, ...], target: Tuple[int, ...]) -> bool:
+    """Whether ``shape`` broadcasts to ``target`` without enlarging it."""
+    # on the hot path: plain comparisons of sizes, no warnings context, no torch.broadcast_shapes
+    return len(shape) <= len(target) and all(
+        s == 1 or s == t for s, t in zip(reversed(shape), reversed(target))
+    )

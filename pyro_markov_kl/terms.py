@@ -34,6 +34,7 @@ from .sites import (
     has_mask,
     observed_site_factors,
     same_factor,
+    shape_within,
     site_factors,
     site_log_prob_of_value,
 )
@@ -136,11 +137,7 @@ def analytic_term(
 
 def _within(factor: Any, shape: torch.Size) -> bool:
     """Whether a scale or mask broadcasts to ``shape`` without enlarging it."""
-    if not torch.is_tensor(factor):
-        return True
-    # on the hot path: plain comparisons of sizes, no warnings context, no torch.broadcast_shapes
-    fs = factor.shape
-    return len(fs) <= len(shape) and all(f == 1 or f == d for f, d in zip(fs[::-1], shape[::-1]))
+    return not torch.is_tensor(factor) or shape_within(factor.shape, shape)
 
 
 def _stack_factor(values: List[Any], shape: torch.Size, is_mask: bool) -> Any:
