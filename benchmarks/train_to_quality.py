@@ -254,6 +254,8 @@ def report(results: str) -> int:
     for est, rs in runs.items():
         reached[est] = [t for t in (time_to(r, target) for r in rs) if t is not None]
     ref_time = _mean([t["seconds"] for r in learned for t in [time_to(r, target)] if t])
+    # the machine-independent part of the ratio: epochs, whatever an epoch costs
+    ref_epochs = _mean([float(t["epoch"]) for r in learned for t in [time_to(r, target)] if t])
     rows = []
     order = [e for e in ESTIMATORS if e in runs] + [e for e in runs if e not in ESTIMATORS]
     for est in order:
@@ -268,6 +270,9 @@ def report(results: str) -> int:
                 f"{len(ts)}/{len(rs)}",
                 str(sum(collapsed(r) for r in rs)),
                 _spread([float(t["epoch"]) for t in ts], ".0f"),
+                f"{_mean([float(t['epoch']) for t in ts]) / ref_epochs:.3f}"
+                if ts and ref_epochs > 0
+                else "-",
                 _spread(secs, ".0f"),
                 f"{_mean(secs) / ref_time:.3f}" if secs and ref_time > 0 else "-",
                 _spread([final_nll(r) for r in rs], ".3f"),
@@ -284,6 +289,7 @@ def report(results: str) -> int:
             "reached",
             "collapsed",
             "epochs to target",
+            "epochs vs Trace_ELBO",
             "wall s to target",
             "vs Trace_ELBO",
             "final test NLL",

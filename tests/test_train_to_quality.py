@@ -64,6 +64,8 @@ def test_report_leaves_collapsed_runs_out_of_the_target(
         # ours: 9.0 after 10 epochs on every seed that did not collapse: 10 s against 30 s
         _run("markov-kl-jit", 0, [9.0, 8.8, 8.6], 1.0),
         _run("markov-kl-jit", 1, [11.1, 11.1, 11.1], 1.0),
+        # uncompiled: as few epochs, each twice as long: epochs 1/3, wall time 2/3 of Trace_ELBO's
+        _run("markov-kl", 0, [9.0, 8.8, 8.6], 2.0),
     ]
     for run in runs:
         with open(tmp_path / f"{run['estimator']}-seed{run['seed']}.json", "w") as f:
@@ -76,4 +78,19 @@ def test_report_leaves_collapsed_runs_out_of_the_target(
         "target: Trace_ELBO's final test NLL per time slice 9.0000 (mean over seeds [0, 2]" in out
     )
     assert "| JitTraceMarkovKL_ELBO: wall time to target / Trace_ELBO's | 0.333x" in out
-    assert "PASS" in out.split("## Targets")[1]
+    targets = out.split("## Targets")[1]
+    assert "| JitTraceMarkovKL_ELBO: wall time to target / Trace_ELBO's | 0.333x" in targets
+    assert "| TraceMarkovKL_ELBO: wall time to target / Trace_ELBO's    | 0.667x" in targets
+    rows = {
+        cells[0]: cells
+        for line in out.split("## Targets")[0].splitlines()
+        if line.startswith("| ")
+        for cells in [[c.strip() for c in line.strip("|").split("|")]]
+    }
+    header = rows["estimator"]
+    uncompiled = dict(zip(header, rows["TraceMarkovKL_ELBO"]))
+    assert uncompiled["epochs to target"] == "10"
+    assert uncompiled["epochs vs Trace_ELBO"] == "0.333"
+    assert uncompiled["wall s to target"] == "20"
+    assert uncompiled["vs Trace_ELBO"] == "0.667"
+    assert dict(zip(header, rows["Trace_ELBO"]))["epochs vs Trace_ELBO"] == "1.000"
