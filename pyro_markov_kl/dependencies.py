@@ -22,6 +22,7 @@ from pyro.util import get_rng_state, set_rng_state
 from torch.nn.modules.module import register_module_forward_pre_hook
 
 from .provenance import DependencyTracker
+from .sites import outside_jit_trace
 
 
 @dataclass(frozen=True)
@@ -194,21 +195,6 @@ def isolated_analysis() -> Iterator[None]:
     with outside_jit_trace(), no_side_effects(), pyro.validation_enabled(False):
         with torch.no_grad():
             yield
-
-
-@contextlib.contextmanager
-def outside_jit_trace() -> Iterator[None]:
-    """
-    Suspend a JIT trace in progress: the analysis, and the handlers made for it
-    (a vectorised-particle plate, whose sizes would otherwise be traced
-    tensors), are never part of a compiled graph.
-    """
-    tracing_state = torch._C._get_tracing_state()
-    torch._C._set_tracing_state(None)
-    try:
-        yield
-    finally:
-        torch._C._set_tracing_state(tracing_state)
 
 
 @contextlib.contextmanager

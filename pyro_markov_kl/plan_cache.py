@@ -25,17 +25,22 @@ from pyro.util import ignore_jit_warnings
 from torch.distributions import Independent, TransformedDistribution
 
 from .kl import registry_version
+from .sites import outside_jit_trace
 
 
 # --- the key of a step's structure -----------------------------------------------------------
-def fn_signature(fn: Any) -> tuple:
+def fn_signature(fn: Any, shape: Optional[Callable[[Any], Any]] = None) -> tuple:
     """
     A hashable summary of a distribution's structure through its wrappers: each
     wrapper's type, batch and event shapes, and what a wrapper adds (an
     ``Independent``'s reinterpreted dimensions, a ``TransformedDistribution``'s
     transform types, the shape and broadcast dimensions of a ``.mask()``).
+
+    :param shape: how a shape is made hashable (default: as plain ints under a
+        JIT trace, where sizes are traced tensors, else as it is)
     """
-    shape = _traced_shape if torch._C._get_tracing_state() else _shape
+    if shape is None:
+        shape = _traced_shape if torch._C._get_tracing_state() else _shape
     sig: list = []
     while fn is not None:
         entry: tuple = (
@@ -99,8 +104,15 @@ def structure_key(model_trace: Trace, guide_trace: Trace) -> StructureKey:
     wrappers), shapes, plate stacks, observation status, ``infer`` options and
     the kinds of scale and mask. A plan is reused only for an equal key.
     """
-    key = []
+    # under a JIT trace, sizes are traced tensors (also those of distributions made in the
+    # trace): made plain ints with the trace suspended, so that keying records nothing
     shape = _traced_shape if torch._C._get_tracing_state() else _shape
+    with outside_jit_trace():
+        return _structure_key(model_trace, guide_trace, shape)
+
+
+def _structure_key(model_trace: Trace, guide_trace: Trace, shape: Callable) -> StructureKey:
+    key = []
 
     def frame_key(f: Any) -> tuple:
         # a plate makes a new frame at every site; CondIndepStackFrame._key() enters
@@ -119,7 +131,7 @@ def structure_key(model_trace: Trace, guide_trace: Trace) -> StructureKey:
                 (
                     name,
                     site["is_observed"],
-                    fn_signature(site["fn"]),
+                    fn_signature(site["fn"], shape),
                     shape(value.shape) if torch.is_tensor(value) else type(value),
                     tuple(frame_key(f) for f in site["cond_indep_stack"]),
                     infer.get("kl"),
@@ -319,9 +331,10 @@ class PlanCache(OrderedDict):
             stacks, kinds of scale and mask), so it runs once per kept key, not
             every step.
         """
-        # under Pyro's JIT sizes are traced tensors; reading them is intended (a compiled
-        # graph has one structure) and must not warn: a TracerWarning raised as an error
-        # inside torch's __int__ surfaces as SystemError
+        # under Pyro's JIT sizes are traced tensors; the key reads them with the trace
+        # suspended, the shape check and a plan's checks read them traced: that is intended
+        # (a compiled graph has one structure) and must not warn (a TracerWarning raised as
+        # an error inside torch's __int__ surfaces as SystemError)
         with ignore_jit_warnings():
             key = StructureKey(
                 (

@@ -14,15 +14,16 @@ need.
 
 from __future__ import annotations
 
+import contextlib
 from types import SimpleNamespace
-from typing import Any, Dict, Iterable, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 from pyro.distributions.torch_distribution import MaskedDistribution
 from pyro.distributions.util import broadcast_shape
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
-from pyro.util import check_site_shape, ignore_jit_warnings
+from pyro.util import check_site_shape
 from torch.distributions import Distribution, Independent, TransformedDistribution
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "is_reparameterized",
     "kl_option",
     "observed_site_factors",
+    "outside_jit_trace",
     "same_factor",
     "sample_sites",
     "shape_within",
@@ -304,7 +306,7 @@ def unwrap_mask(fn: Distribution, by_value: bool = True) -> Tuple[Distribution, 
 def _constant_along_last(m: torch.Tensor, n: int, by_value: bool = True) -> bool:
     """Whether a mask is constant along its ``n`` rightmost dimensions (see :func:`unwrap_mask`)."""
     dims = range(m.dim() - n, m.dim())
-    with ignore_jit_warnings():  # under the JIT, a constant of the compiled graph
+    with outside_jit_trace():  # shapes only: constants of a compiled graph
         broadcast = all(m.size(d) == 1 or m.stride(d) == 0 for d in dims)
     if broadcast:
         return True
@@ -442,9 +444,34 @@ def observed_site_factors(site: Dict[str, Any]) -> Optional[Tuple[Any, Any, Any,
         mask = _and(site["mask"], mask)
     if has_mask(fn):
         return None
-    with ignore_jit_warnings():  # shapes are constants of a compiled graph
+    with outside_jit_trace():  # shapes only: constants of a compiled graph
         fits = shape_within(site["value"].shape, fn.batch_shape + fn.event_shape)
     return (fn, scale, mask, k) if fits else None
+
+
+@contextlib.contextmanager
+def outside_jit_trace() -> Iterator[None]:
+    """
+    Suspend a JIT trace in progress, for work that must not be part of a
+    compiled graph: the dependency analysis and the handlers made for it (a
+    vectorised-particle plate, whose sizes would otherwise be traced tensors),
+    and the reading of shapes. Inside a trace, sizes are traced 0-dim tensors:
+    every comparison of them records graph nodes (dead code, removed only
+    after tracing) and warns (:class:`torch.jit.TracerWarning`). Its result
+    is a constant of the compiled graph either way (a graph has one
+    structure), so the shape checks of the plan key and the terms compare them
+    with the trace suspended; nothing computed inside may flow into the graph.
+    Outside a trace it does nothing.
+    """
+    tracing_state = torch._C._get_tracing_state()
+    if tracing_state is None:
+        yield
+        return
+    torch._C._set_tracing_state(None)
+    try:
+        yield
+    finally:
+        torch._C._set_tracing_state(tracing_state)
 
 
 def shape_within(shape: Tuple[int, ...], target: Tuple[int, ...]) -> bool:

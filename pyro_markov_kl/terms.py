@@ -33,6 +33,7 @@ from .kl import KLDivergenceError, compute_kl
 from .sites import (
     has_mask,
     observed_site_factors,
+    outside_jit_trace,
     same_factor,
     shape_within,
     site_factors,
@@ -94,7 +95,7 @@ def mc_term(
     """
     log_p, log_q = site_log_prob(model_site), site_log_prob(guide_site, log_q)
     surrogate_q = log_q if reparameterized else log_q.detach()
-    with ignore_jit_warnings():  # under the JIT, a constant of the compiled graph
+    with outside_jit_trace():  # shapes only: constants of a compiled graph
         same_shape = log_p.shape == log_q.shape
     if same_shape:
         return log_p - log_q, log_p - surrogate_q
@@ -115,7 +116,7 @@ def analytic_term(
         return mc_term(model_site, guide_site)[0]
     kl = compute_kl(name, q, p, rule)
     term = -scale_and_mask(kl, scale_p, mask_p)
-    with ignore_jit_warnings():  # shapes are constants of a compiled graph
+    with outside_jit_trace():  # shapes only: constants of a compiled graph
         # a factor with dimensions beyond the batch shape broadcasts its side's terms
         # (scale_and_mask): then each side sums over its own shape
         same_shape = kl.shape == q.batch_shape and all(
@@ -150,7 +151,7 @@ def _stack_factor(values: List[Any], shape: torch.Size, is_mask: bool) -> Any:
             return first
         return torch.tensor(values).reshape((-1,) + (1,) * (len(shape) - 1))
     if all(torch.is_tensor(v) for v in values):
-        with ignore_jit_warnings():  # shapes are constants of a compiled graph
+        with outside_jit_trace():  # shapes only: constants of a compiled graph
             same_shape = all(v.shape == first.shape for v in values)
         if same_shape:  # (scalar annealing factors): stacked as they are, broadcast after
             stacked = torch.stack(values)
@@ -193,12 +194,12 @@ def batched_analytic_term(
     for f in factors:
         if has_mask(f.q) or has_mask(f.p):
             return None
-        with ignore_jit_warnings():  # under the JIT, a constant of the compiled graph
-            same_shape = f.p.batch_shape == f.q.batch_shape
-        if not same_shape:
-            return None
-        shape = f.q.batch_shape
-        if not all(_within(x, shape) for x in (f.scale_p, f.mask_p, f.scale_q, f.mask_q)):
+        with outside_jit_trace():  # shapes only: constants of a compiled graph
+            shape = f.q.batch_shape
+            fits = f.p.batch_shape == shape and all(
+                _within(x, shape) for x in (f.scale_p, f.mask_p, f.scale_q, f.mask_q)
+            )
+        if not fits:
             return None
         same = same and same_factor(f.scale_p, f.mask_p, f.scale_q, f.mask_q)
     q = stack_distributions([f.q for f in factors])
@@ -249,9 +250,11 @@ def batched_observed_term(
         if factors is None or (k is not None and factors[3] != k):
             return None
         fn, scale, mask, k = factors
-        with ignore_jit_warnings():  # shapes are constants of a compiled graph
-            if not (_within(scale, fn.batch_shape) and _within(mask, fn.batch_shape)):
-                return None
+        with outside_jit_trace():  # shapes only: constants of a compiled graph
+            fits = _within(scale, fn.batch_shape) and _within(mask, fn.batch_shape)
+        if not fits:
+            return None
+        with ignore_jit_warnings():  # the traced sizes of the expansion are recorded
             # a value smaller than the distribution (data not expanded over a particle
             # plate) is scored as its expansion: stacked, it must have the full shape
             values.append(site["value"].expand(fn.batch_shape + fn.event_shape))
