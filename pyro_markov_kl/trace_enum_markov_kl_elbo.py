@@ -348,10 +348,11 @@ class JitTraceEnumMarkovKL_ELBO(CompiledGraphs, TraceEnumMarkovKL_ELBO):
     function once to capture parameters) and its plan is found again by the
     traced run, so the compiled graph holds only the ELBO's own computation.
     A graph is compiled once per model/guide pair, number of arguments, set of
-    ``**kwargs`` and set of tensor argument shapes, and reused for every call
-    that matches. The restrictions of JitTraceEnum_ELBO apply: static model
-    structure given those, no global data except the param store, tensors in
-    ``*args``, everything else in ``**kwargs``.
+    ``**kwargs`` and set of tensor argument shapes (with their broadcast
+    dimensions), and reused for every call that matches. The restrictions of
+    JitTraceEnum_ELBO apply: static model structure given those, no global
+    data except the param store, tensors in ``*args``, everything else in
+    ``**kwargs``.
     """
 
     def _compiled_loss(self, model: Callable, guide: Callable, *args, **kwargs) -> torch.Tensor:

@@ -326,9 +326,20 @@ def warn_guide_order(plan: Plan) -> None:
 
 
 def _arg_shapes(args: Any) -> tuple:
-    """The shapes of the tensors in (nested tuples of) ``args``, e.g. a ``PackedSequence``."""
+    """
+    The shapes of the tensors in (nested tuples of) ``args``, e.g. a
+    ``PackedSequence``, each with the dimensions it is broadcast along (stride
+    0, size above 1): a compiled graph bakes in decisions made on both (a mask
+    expanded along an event dimension is folded into a per-site factor by its
+    strides, which a mask that varies there must not be).
+    """
     if torch.is_tensor(args):
-        return tuple(args.shape)
+        broadcast = ()
+        if args.layout == torch.strided:
+            broadcast = tuple(
+                d for d, (n, st) in enumerate(zip(args.shape, args.stride())) if st == 0 and n > 1
+            )
+        return tuple(args.shape), broadcast
     if isinstance(args, (tuple, list)):
         return tuple(_arg_shapes(a) for a in args)
     return ()
@@ -338,8 +349,8 @@ class CompiledGraphs:
     """
     The compiled graphs of a JIT twin, one :func:`pyro.ops.jit.trace` function
     per model/guide pair, each holding a graph per number of arguments, set of
-    ``**kwargs`` and set of tensor argument shapes; they are dropped on
-    pickling and rebuilt on demand.
+    ``**kwargs`` and set of tensor argument shapes (with their broadcast
+    dimensions); they are dropped on pickling and rebuilt on demand.
     """
 
     def __getstate__(self) -> dict:
@@ -368,7 +379,8 @@ class CompiledGraphs:
         if key not in compiled:
             compiled[key] = make_compiled()
         # Pyro's compiler keys on len(args) and kwargs; the argument shapes decide the
-        # structure (e.g. the sequence length), so a new shape must compile a new graph
+        # structure (e.g. the sequence length), so a new shape must compile a new graph, and
+        # so must a new set of broadcast dimensions
         count = self.num_compiled
         start = time.perf_counter()
         result = compiled[key](*args, _pmkl_arg_shapes=_arg_shapes(args), **kwargs)
@@ -384,7 +396,8 @@ class JitTraceMarkovKL_ELBO(CompiledGraphs, TraceMarkovKL_ELBO, JitTrace_ELBO):
     :class:`~pyro.infer.trace_elbo.JitTrace_ELBO` does for
     :class:`~pyro.infer.trace_elbo.Trace_ELBO` (whose ``differentiable_loss``
     and ``loss_and_grads`` it inherits), once per model/guide pair and per
-    set of non-tensor arguments and tensor argument shapes.
+    set of non-tensor arguments and tensor argument shapes (with the dimensions
+    each is broadcast along).
 
     The dependency analysis runs eagerly, before compilation, on the first
     call (Pyro's compiler first runs the function once to capture parameters),
@@ -396,8 +409,10 @@ class JitTraceMarkovKL_ELBO(CompiledGraphs, TraceMarkovKL_ELBO, JitTrace_ELBO):
     -   Models must have static structure given the shapes of their tensor
         arguments: a graph is compiled for each model/guide pair, number of
         arguments, set of ``**kwargs`` and set of argument shapes (so a new
-        sequence length compiles a new graph, with its own plan), and reused
-        for every call that matches (:attr:`num_compiled` counts them).
+        sequence length compiles a new graph, with its own plan) and of the
+        dimensions each argument is broadcast along (an expanded mask is not a
+        mask that varies), and reused for every call that matches
+        (:attr:`num_compiled` counts them).
     -   Arguments must be tensors or (nested) tuples of tensors for
         :func:`torch.jit.trace`: a ``PackedSequence`` whose index fields are
         ``None`` (as the DMM example passes) cannot be traced.
