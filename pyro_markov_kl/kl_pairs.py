@@ -101,7 +101,15 @@ from torch.distributions.transforms import (
     _InverseTransform,
 )
 
-from .kl_rule import KLDivergenceError, KLFn, TypePair, distribution_name, finding_rule, nested_kl
+from .kl_rule import (
+    KLDivergenceError,
+    KLFn,
+    TypePair,
+    distribution_name,
+    finding_rule,
+    finding_rule_for_compiled_graph,
+    nested_kl,
+)
 
 __all__ = [
     "BUILTIN_KL",
@@ -427,11 +435,17 @@ def _requires_grad(obj: Any) -> bool:
     return _any_tensor(obj, lambda t: t.requires_grad)
 
 
+def _always(t: Tensor) -> bool:
+    return True
+
+
 def _transforms_match(tq: Transform, tp: Transform, strict: bool) -> Optional[str]:
     """
     ``None`` if ``tq`` and ``tp`` are the same transform, else why not. With
     ``strict``, different objects holding tensors that require grad do not
-    match (their equality is data dependent).
+    match (their equality is data dependent), nor, for a compiled graph
+    (:func:`~pyro_markov_kl.kl_rule.for_compiled_graph`), different objects
+    holding any tensor (a graph is reused for other values).
     """
     if tq is tp:
         return None
@@ -442,6 +456,16 @@ def _transforms_match(tq: Transform, tp: Transform, strict: bool) -> Optional[st
             f"transforms {tq!r} and {tp!r} are different objects with learnable "
             "parameters, so their equality is data dependent; use the same transform "
             "object in model and guide or register a rule"
+        )
+    if (
+        strict
+        and finding_rule_for_compiled_graph()
+        and (_any_tensor(tq, _always) or _any_tensor(tp, _always))
+    ):
+        return (
+            f"transforms {tq!r} and {tp!r} are different objects holding tensors, and a "
+            "compiled graph is reused for other values of them; use the same transform "
+            "object in model and guide, or the uncompiled ELBO (which checks them every step)"
         )
     if not bool(tq == tp):
         return f"transforms differ: {tq!r} vs {tp!r}"

@@ -23,9 +23,10 @@ torch's registry.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
-from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple
 
 import torch.distributions.kl as torch_kl
 from pyro.distributions.torch_distribution import ExpandedDistribution
@@ -42,6 +43,8 @@ __all__ = [
     "dispatch_kl_rules",
     "distribution_name",
     "finding_rule",
+    "finding_rule_for_compiled_graph",
+    "for_compiled_graph",
     "nested_kl",
     "torch_kl_function",
     "torch_kl_registry_version",
@@ -264,6 +267,32 @@ def finding_rule() -> bool:
     transforms with different learnable parameters).
     """
     return bool(_KL_SCOPES) and _KL_SCOPES[-1].trace is not None
+
+
+_FOR_COMPILED_GRAPH: List[bool] = []
+
+
+@contextlib.contextmanager
+def for_compiled_graph() -> Iterator[None]:
+    """
+    Rules found inside are for a compiled graph (a JIT twin's plan), which
+    reuses them for every later call of the same argument shapes, whatever the
+    values: composite functions then decline matches that hold only for the
+    current values of any tensor, not only of learnable ones (e.g. equal
+    transforms whose parameters come from a data argument). An eager plan is
+    keyed on such value conditions instead
+    (:func:`~pyro_markov_kl.plan_cache.structure_key`).
+    """
+    _FOR_COMPILED_GRAPH.append(True)
+    try:
+        yield
+    finally:
+        _FOR_COMPILED_GRAPH.pop()
+
+
+def finding_rule_for_compiled_graph() -> bool:
+    """Whether :func:`finding_rule` is true inside :func:`for_compiled_graph`."""
+    return bool(_FOR_COMPILED_GRAPH) and finding_rule()
 
 
 def nested_kl(q: Distribution, p: Distribution) -> Tensor:

@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 import warnings
 import weakref
-from typing import Any, Callable, Mapping, Optional, Tuple
+from typing import Any, Callable, ContextManager, Mapping, Optional, Tuple
 
 import pyro.ops.jit
 import torch
@@ -20,6 +21,7 @@ from pyro.util import check_if_enumerated, check_model_guide_match, warn_if_nan
 
 from .dependencies import analyse_dependencies, outside_jit_trace
 from .guide_messenger import analyse_guide_messenger, guide_messenger_traces, is_guide_messenger
+from .kl_rule import for_compiled_graph
 from .plan import Plan, SiteRecord, build_plan
 from .plan_cache import PlanCache
 from .score_function import score_function_terms
@@ -202,18 +204,23 @@ class TraceMarkovKL_ELBO(Trace_ELBO):
                 guide_deps, model_deps = analyse_dependencies(
                     model, guide, guide_trace, args, kwargs
                 )
-        plan = build_plan(
-            prune_subsample_sites(model_trace),
-            prune_subsample_sites(guide_trace),
-            guide_deps,
-            model_deps,
-            self.kl_rules,
-            self.leave_one_out_baseline,
-            check_sites=not is_validation_enabled(),  # else checked in _get_unpruned_trace
-        )
+        with self._finding_rules():
+            plan = build_plan(
+                prune_subsample_sites(model_trace),
+                prune_subsample_sites(guide_trace),
+                guide_deps,
+                model_deps,
+                self.kl_rules,
+                self.leave_one_out_baseline,
+                check_sites=not is_validation_enabled(),  # else checked in _get_unpruned_trace
+            )
         if is_validation_enabled():
             warn_guide_order(plan)
         return plan
+
+    def _finding_rules(self) -> ContextManager[None]:
+        """The context the plan's KL rules are found in (see :class:`CompiledGraphs`)."""
+        return contextlib.nullcontext()
 
     def explain(self, model: Callable, guide: Callable, *args, **kwargs) -> Plan:
         """
@@ -357,6 +364,11 @@ class CompiledGraphs:
         state = self.__dict__.copy()
         state.pop("_compiled", None)
         return state
+
+    def _finding_rules(self) -> ContextManager[None]:
+        # a graph's plan is reused for other values of the same shapes: no rule may hold only
+        # for the current values (the eager plan cache keys on such value conditions instead)
+        return for_compiled_graph()
 
     @property
     def num_compiled(self) -> int:
