@@ -253,14 +253,16 @@ def report(results: str) -> int:
     reached: Dict[str, List[Dict[str, float]]] = {}
     for est, rs in runs.items():
         reached[est] = [t for t in (time_to(r, target) for r in rs) if t is not None]
-    ref_time = _mean([t["seconds"] for r in learned for t in [time_to(r, target)] if t])
+    ref_reached = [t for t in (time_to(r, target) for r in learned) if t is not None]
+    ref_time = _mean([t["seconds"] for t in ref_reached])
     # the machine-independent part of the ratio: epochs, whatever an epoch costs
-    ref_epochs = _mean([float(t["epoch"]) for r in learned for t in [time_to(r, target)] if t])
+    ref_epochs = _mean([float(t["epoch"]) for t in ref_reached])
     rows = []
     order = [e for e in ESTIMATORS if e in runs] + [e for e in runs if e not in ESTIMATORS]
     for est in order:
         rs, ts = runs[est], reached[est]
         secs = [t["seconds"] for t in ts]
+        epochs_to = [float(t["epoch"]) for t in ts]
         per_epoch = [r["seconds"] / r["epochs"] for r in rs if r["epochs"]]
         compile_s = [r["jit_compile_seconds"] for r in rs]
         rows.append(
@@ -269,10 +271,8 @@ def report(results: str) -> int:
                 len(rs),
                 f"{len(ts)}/{len(rs)}",
                 str(sum(collapsed(r) for r in rs)),
-                _spread([float(t["epoch"]) for t in ts], ".0f"),
-                f"{_mean([float(t['epoch']) for t in ts]) / ref_epochs:.3f}"
-                if ts and ref_epochs > 0
-                else "-",
+                _spread(epochs_to, ".0f"),
+                f"{_mean(epochs_to) / ref_epochs:.3f}" if epochs_to and ref_epochs > 0 else "-",
                 _spread(secs, ".0f"),
                 f"{_mean(secs) / ref_time:.3f}" if secs and ref_time > 0 else "-",
                 _spread([final_nll(r) for r in rs], ".3f"),

@@ -107,7 +107,7 @@ from .kl_rule import (
     TypePair,
     distribution_name,
     finding_rule,
-    finding_rule_for_compiled_graph,
+    for_compiled_graph_active,
     nested_kl,
 )
 
@@ -459,7 +459,7 @@ def _transforms_match(tq: Transform, tp: Transform, strict: bool) -> Optional[st
         )
     if (
         strict
-        and finding_rule_for_compiled_graph()
+        and for_compiled_graph_active()
         and (_any_tensor(tq, _always) or _any_tensor(tp, _always))
     ):
         return (

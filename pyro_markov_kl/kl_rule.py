@@ -43,8 +43,8 @@ __all__ = [
     "dispatch_kl_rules",
     "distribution_name",
     "finding_rule",
-    "finding_rule_for_compiled_graph",
     "for_compiled_graph",
+    "for_compiled_graph_active",
     "nested_kl",
     "torch_kl_function",
     "torch_kl_registry_version",
@@ -290,9 +290,9 @@ def for_compiled_graph() -> Iterator[None]:
         _FOR_COMPILED_GRAPH.pop()
 
 
-def finding_rule_for_compiled_graph() -> bool:
-    """Whether :func:`finding_rule` is true inside :func:`for_compiled_graph`."""
-    return bool(_FOR_COMPILED_GRAPH) and finding_rule()
+def for_compiled_graph_active() -> bool:
+    """Whether the rules being found are for a compiled graph (:func:`for_compiled_graph`)."""
+    return bool(_FOR_COMPILED_GRAPH)
 
 
 def nested_kl(q: Distribution, p: Distribution) -> Tensor:

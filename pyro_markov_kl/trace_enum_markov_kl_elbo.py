@@ -50,10 +50,9 @@ which no KL of :math:`q_s` replaces: it keeps the Monte Carlo term.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import weakref
-from typing import Any, Callable, ContextManager, Dict, Iterator, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple
 
 import pyro.ops.jit
 import torch
@@ -294,10 +293,6 @@ class TraceEnumMarkovKL_ELBO(TraceEnum_ELBO):
         for model_trace, guide_trace, _ in self._get_traces_and_plans(model, guide, args, kwargs):
             yield model_trace, guide_trace
 
-    def _finding_rules(self) -> ContextManager[None]:
-        """The context the plan's KL rules are found in (see :class:`CompiledGraphs`)."""
-        return contextlib.nullcontext()
-
     def _build_plan(
         self,
         model: Callable,
@@ -323,8 +318,7 @@ class TraceEnumMarkovKL_ELBO(TraceEnum_ELBO):
             guide = EnumMessenger(first_available_dim=-1 - self.max_plate_nesting)(guide)
             model = EnumMessenger()(model)
             guide_deps, model_deps = analyse_dependencies(model, guide, replay_trace, args, kwargs)
-        with self._finding_rules():
-            return build_enum_plan(model_trace, guide_trace, guide_deps, model_deps, self.kl_rules)
+        return build_enum_plan(model_trace, guide_trace, guide_deps, model_deps, self.kl_rules)
 
     def explain(self, model: Callable, guide: Callable, *args, **kwargs) -> EnumPlan:
         """

@@ -3,12 +3,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import time
 import warnings
 import weakref
-from typing import Any, Callable, ContextManager, Mapping, Optional, Tuple
+from typing import Any, Callable, Mapping, Optional, Tuple
 
 import pyro.ops.jit
 import torch
@@ -204,23 +203,18 @@ class TraceMarkovKL_ELBO(Trace_ELBO):
                 guide_deps, model_deps = analyse_dependencies(
                     model, guide, guide_trace, args, kwargs
                 )
-        with self._finding_rules():
-            plan = build_plan(
-                prune_subsample_sites(model_trace),
-                prune_subsample_sites(guide_trace),
-                guide_deps,
-                model_deps,
-                self.kl_rules,
-                self.leave_one_out_baseline,
-                check_sites=not is_validation_enabled(),  # else checked in _get_unpruned_trace
-            )
+        plan = build_plan(
+            prune_subsample_sites(model_trace),
+            prune_subsample_sites(guide_trace),
+            guide_deps,
+            model_deps,
+            self.kl_rules,
+            self.leave_one_out_baseline,
+            check_sites=not is_validation_enabled(),  # else checked in _get_unpruned_trace
+        )
         if is_validation_enabled():
             warn_guide_order(plan)
         return plan
-
-    def _finding_rules(self) -> ContextManager[None]:
-        """The context the plan's KL rules are found in (see :class:`CompiledGraphs`)."""
-        return contextlib.nullcontext()
 
     def explain(self, model: Callable, guide: Callable, *args, **kwargs) -> Plan:
         """
@@ -365,10 +359,11 @@ class CompiledGraphs:
         state.pop("_compiled", None)
         return state
 
-    def _finding_rules(self) -> ContextManager[None]:
+    def _build_plan(self, *args: Any, **kwargs: Any) -> Any:
         # a graph's plan is reused for other values of the same shapes: no rule may hold only
         # for the current values (the eager plan cache keys on such value conditions instead)
-        return for_compiled_graph()
+        with for_compiled_graph():
+            return super()._build_plan(*args, **kwargs)
 
     @property
     def num_compiled(self) -> int:
